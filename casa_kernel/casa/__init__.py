@@ -1,0 +1,1 @@
+"""CASA helpers: offline configuration, log tails, simulated data, result merging."""

@@ -1,0 +1,166 @@
+"""The ``casa-kernel`` command line.
+
+Subcommands register in :data:`SUBCOMMANDS`: each entry maps a name to a
+function that adds its parser to the subparsers and sets ``func`` (the handler,
+returning the exit code) as a default. Adding a subcommand is one function plus
+one entry.
+
+Exit codes: 0 success, 2 invalid input (argparse's convention: nothing was
+done), 1 any other failure (e.g. no permission to write the kernelspec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from casa_kernel.errors import CasaKernelError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+PROG = "casa-kernel"
+
+# What a subcommand parser's "func" default is: Namespace -> exit code.
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _nprocs(text: str) -> int:
+    """argparse type for -n: an integer; the range is checked with the other options."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of processes (client included), got {text!r}"
+        ) from None
+
+
+def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``casa-kernel install``: write the kernelspec where Jupyter finds it."""
+    from casa_kernel.kernelspec import DEFAULT_NPROCS, DISPLAY_NAME, KERNEL_NAME
+
+    p = subparsers.add_parser(
+        "install",
+        help="install the CASA (MPI) kernelspec for Jupyter",
+        description=(
+            "Install the casa-kernel kernelspec. The cluster options are checked "
+            "(hostfile read, processes placed) before anything is written."
+        ),
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--user", action="store_true", help="install for the current user (Jupyter data dir)"
+    )
+    where.add_argument(
+        "--sys-prefix",
+        action="store_true",
+        help=f"install into this environment's prefix ({sys.prefix})",
+    )
+    where.add_argument(
+        "--prefix", metavar="P", help="install into P/share/jupyter/kernels (default: system-wide)"
+    )
+    p.add_argument("--name", default=KERNEL_NAME, help=f"kernelspec name (default: {KERNEL_NAME})")
+    p.add_argument(
+        "--display-name",
+        metavar="D",
+        default=None,
+        help=f"name shown in Jupyter (default: {DISPLAY_NAME!r})",
+    )
+    p.add_argument(
+        "-n",
+        "--nprocs",
+        metavar="N",
+        type=_nprocs,
+        default=None,
+        help=(
+            "total MPI processes, the client (this kernel) included, as mpicasa -n N; "
+            f"default: every hostfile slot, or {DEFAULT_NPROCS} without a hostfile"
+        ),
+    )
+    p.add_argument("--hostfile", metavar="F", help="OpenMPI-syntax hostfile (slots=K per host)")
+    p.add_argument(
+        "--mpiexec",
+        metavar="PATH",
+        help="a site MPI's mpiexec (default: the one installed in this environment)",
+    )
+    p.set_defaults(func=_run_install)
+
+
+def _run_install(args: argparse.Namespace) -> int:
+    from casa_kernel.kernelspec import ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS, install
+
+    destination = install(
+        kernel_name=args.name,
+        user=args.user,
+        prefix=args.prefix,
+        sys_prefix=args.sys_prefix,
+        display_name=args.display_name,
+        nprocs=args.nprocs,
+        hostfile=args.hostfile,
+        mpiexec=args.mpiexec,
+    )
+    # Jupyter lowercases the name: report the one it installed under.
+    print(f"Installed kernelspec {os.path.basename(destination)} in {destination}")
+    # Echo the cluster configuration from the file just written, so what the
+    # user sees is what Jupyter will use.
+    with open(os.path.join(destination, "kernel.json"), encoding="utf-8") as f:
+        env = json.load(f).get("env", {})
+    for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC):
+        if key in env:
+            print(f"  {key}={env[key]}")
+    return EXIT_OK
+
+
+#: name -> function adding that subcommand's parser (which sets ``func``).
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "install": _add_install_parser,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="casa-kernel: a Jupyter kernel that is the client of a CASA cluster"
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", required=True
+    )
+    for add_parser in SUBCOMMANDS.values():
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # argparse exits on --help (0) and on usage errors (2, message already
+        # printed); turn that into a return value so main() is callable in-process.
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except CasaKernelError as exc:
+        # Bad input (hostfile, placement, mpiexec, name): the message names the
+        # file and line where there is one, and nothing was written.
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        # The input was fine but the destination was not (permissions, disk).
+        hint = ""
+        if isinstance(exc, PermissionError):
+            hint = " (try --user or --sys-prefix)"
+        print(f"{PROG} {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

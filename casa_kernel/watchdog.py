@@ -1,0 +1,96 @@
+"""A watchdog process that ends the cluster when its kernel dies.
+
+ipyparallel starts the controller and mpiexec in their own sessions, so when the
+kernel is killed (SIGKILL, OOM) they live on as orphans. The kernel starts this
+small process with a pipe on its stdin and tells it, line by line, which
+process ids and folders belong to the cluster. If the pipe closes without a
+clean ``exit`` line, the kernel is gone: the watchdog ends those processes
+(TERM, then KILL) and removes the folders.
+
+Run as ``python -m casa_kernel.watchdog``; driven by :class:`Watchdog`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+
+class Watchdog:
+    """The kernel's end of the pipe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "casa_kernel.watchdog", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            # its own session: a Ctrl-C (SIGINT) for the kernel is not for it
+            start_new_session=True,
+            text=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._proc.stdin is None or self._proc.poll() is not None:
+                return
+            try:
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    def watch(self, pids: set[int], folders: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Replace the set of processes and folders to clean up."""
+        self._send("pids " + " ".join(str(p) for p in sorted(pids)))
+        self._send("dirs " + "\0".join(sorted(folders)))
+
+    def close(self) -> None:
+        """Clean shutdown: the kernel has stopped the cluster itself."""
+        self._send("exit")
+        with self._lock:
+            if self._proc.stdin is not None:
+                try:
+                    self._proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+def main() -> None:
+    # Ignore the signals a terminal or the kernel's process group may send: the
+    # watchdog must outlive the kernel to do its job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    pids: set[int] = set()
+    dirs: list[str] = []
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if line == "exit":
+            return
+        kind, _, rest = line.partition(" ")
+        if kind == "pids":
+            pids = {int(p) for p in rest.split()}
+        elif kind == "dirs":
+            dirs = [d for d in rest.split("\0") if d]
+    # EOF without "exit": the kernel died.
+    from casa_kernel.cluster import reap
+
+    reap(pids, grace=3.0)
+    for folder in dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
