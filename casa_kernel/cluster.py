@@ -42,6 +42,7 @@ ENV_HOSTFILE = "CASA_KERNEL_HOSTFILE"
 ENV_MPIEXEC = "CASA_KERNEL_MPIEXEC"
 ENV_MPI_ARGS = "CASA_KERNEL_MPI_ARGS"
 ENV_START_TIMEOUT = "CASA_KERNEL_START_TIMEOUT"
+ENV_OWNER = "CASA_KERNEL_OWNER"
 
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
@@ -348,6 +349,9 @@ class CasaCluster:
             f.write(placement.server_hostfile_text())
 
         env = dict(self.extra_env)
+        # Every process of this cluster carries its owner's pid, so it can be
+        # found (by tests, by an admin) even after being orphaned.
+        env[ENV_OWNER] = str(os.getpid())
         as_root = running_as_root()
         if as_root:
             log.info("running as root: allowing OpenMPI to run as root for this cluster")
@@ -386,12 +390,13 @@ class CasaCluster:
 
         view = client[:]
         infos = await asyncio.wrap_future(view.apply_async(engine.setup_server))
-        self.servers = {
-            rank: ServerInfo(rank, host, pid, "idle") for (rank, host, pid) in infos
-        }
+        self.servers = {rank: ServerInfo(rank, host, pid, "idle") for (rank, host, pid) in infos}
         for info in self.servers.values():
-            if info.host == socket.gethostname() or placement.is_local:
+            if placement.is_local:
                 self._pids.add(info.pid)
+        # The controller's schedulers and the engines' nannies exist by now.
+        for launcher in [cluster.controller, *cluster.engines.values()]:
+            self._track(launcher)
         self._report_pids()
         self.client = client
         return client

@@ -29,6 +29,8 @@ from casa_kernel.errors import RemoteError, ServerFailure, TaskTimeout
 INTERRUPT_GRACE = 5.0
 # Upper bound on the time between two relays of servers' output.
 OUTPUT_INTERVAL = 0.05
+# How long a finished task's last output may lag behind its result.
+OUTPUT_GRACE = 5.0
 
 
 @dataclass
@@ -121,6 +123,10 @@ class Dispatcher:
         try:
             self._wait(client, submitted, timeout)
         finally:
+            # A result can arrive before the last of its output (other socket).
+            for ar in submitted:
+                if ar.ready():
+                    ar.wait_for_output(OUTPUT_GRACE)
             self._relay(submitted)
             self.printer.flush()
         return [self._outcome(job, ar) for job, ar in zip(jobs, submitted)]

@@ -30,6 +30,8 @@ class CasaMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
+        nargs="?",
+        default="status",
         choices=["start", "stop", "restart", "status"],
         help="start: launch the servers; stop: end them; restart: stop then start "
         "(with new -n/--hostfile if given); status: each server's rank, host, pid, state",
@@ -61,6 +63,9 @@ class CasaMagics(Magics):
             %casa_cluster restart -n 5
             %casa_cluster start --hostfile hosts.txt
         """
+        if _wants_help(line):
+            print(self.casa_cluster.__doc__)
+            return None
         args = parse_argstring(self.casa_cluster, line)
         try:
             if args.action == "status":
@@ -136,6 +141,9 @@ class CasaMagics(Magics):
             %%casa_parallel --vis obs.mms --out summary
             flagdata(vis=vis, mode='summary')
         """
+        if _wants_help(line):
+            print(self.casa_parallel.__doc__)
+            return None
         args = parse_argstring(self.casa_parallel, line)
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"--out {args.out!r} is not a valid variable name")
@@ -174,3 +182,8 @@ class CasaMagics(Magics):
         if result.failures:
             raise RemoteError(result.failures, results=result.per_submms)
         return result.merged
+
+
+def _wants_help(line: str) -> bool:
+    """``--help`` / ``-h`` print the usage text (the docstring magic_arguments built)."""
+    return any(token in ("-h", "--help") for token in line.split())

@@ -122,7 +122,9 @@ class MPICommandClient:
             target = target_server - 1
         elif isinstance(target_server, list) and len(target_server) == 1:
             target = target_server[0] - 1
-        job = Job(str(params.get("vis", taskname)), engine.run_casa_task, (taskname, params), target)
+        job = Job(
+            str(params.get("vis", taskname)), engine.run_casa_task, (taskname, params), target
+        )
         dispatcher = Dispatcher(_cluster())
         (ar,) = dispatcher.submit([job])
         request_id = next(self._ids)

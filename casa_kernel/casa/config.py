@@ -47,9 +47,7 @@ RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 def packaged_siteconfig() -> str:
     """Absolute path of the casaconfig site config shipped in ``casa_kernel/resources``."""
-    path = os.path.abspath(
-        str(resources.files("casa_kernel") / "resources" / "casasiteconfig.py")
-    )
+    path = os.path.abspath(str(resources.files("casa_kernel") / "resources" / "casasiteconfig.py"))
     if not os.path.isfile(path):
         # casaconfig needs a real file it can open; a zipped install has none.
         raise FileNotFoundError(f"casa-kernel's CASA site config is missing: {path}")

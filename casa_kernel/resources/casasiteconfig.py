@@ -44,14 +44,29 @@ nogui = True
 
 # --- one log file per process, never in the current directory -----------------
 def _casa_kernel_logfile():
-    log_dir = os.environ.get("CASA_KERNEL_LOG_DIR", "")
-    if not log_dir:
+    # Servers and kernel get the folder from casa-kernel; a process started some
+    # other way (a plain `python` with CASASITECONFIG set) gets a per-user temp dir.
+    try:
+        user = str(os.getuid())
+    except AttributeError:  # no getuid() on Windows
+        user = os.environ.get("USERNAME", "user")
+    candidates = [
+        os.environ.get("CASA_KERNEL_LOG_DIR", ""),
+        os.path.join(tempfile.gettempdir(), "casa-kernel-" + user, "logs"),
+    ]
+    log_dir = None
+    for candidate in candidates:
+        if not candidate:
+            continue
         try:
-            user = str(os.getuid())
-        except AttributeError:  # no getuid() on Windows
-            user = os.environ.get("USERNAME", "user")
-        log_dir = os.path.join(tempfile.gettempdir(), "casa-kernel-" + user, "logs")
-    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            os.makedirs(candidate, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            log_dir = candidate
+            break
+    if log_dir is None:
+        log_dir = tempfile.mkdtemp(prefix="casa-kernel-logs-")
 
     host = socket.gethostname().split(".")[0] or "localhost"
     # The servers run under mpiexec, which tells each process its rank; the
@@ -62,11 +77,13 @@ def _casa_kernel_logfile():
             rank = os.environ[name]
             break
     role = "client" if rank is None else "rank" + rank
-    return os.path.join(log_dir, "casa-" + host + "-" + role + ".log")
+    return os.path.join(os.path.abspath(log_dir), "casa-" + host + "-" + role + ".log")
 
 
 try:
     logfile = _casa_kernel_logfile()
-except OSError:
-    # An unwritable log folder must not cost us the offline data settings above.
-    logfile = os.path.join(tempfile.gettempdir(), "casa-kernel-fallback.log")
+except Exception:
+    # Whatever goes wrong with the log file must not cost us the offline data
+    # settings above (casaconfig drops every value of a config that raises):
+    # keep casaconfig's default log file name, in the temp dir, not the cwd.
+    logfile = os.path.join(tempfile.gettempdir(), os.path.basename(logfile))
