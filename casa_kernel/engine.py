@@ -36,6 +36,9 @@ def setup_server() -> tuple[int, str, int]:
     host = MPI.Get_processor_name()
     ns = _user_ns()
     ns.update(MPI=MPI, comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+    from casa_kernel.casa.tasks import inject_tasks
+
+    inject_tasks(ns)  # CASA's tasks, as in the kernel (imported on first use)
     _state.update(rank=comm.Get_rank(), host=host)
     return comm.Get_rank(), host, os.getpid()
 
@@ -71,24 +74,39 @@ def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, filename, "exec"), ns)
-    value = eval(compile(last, filename, "eval"), ns) if last is not None else None
-    _flush()
-    return value
+    try:
+        exec(compile(tree, filename, "exec"), ns)
+        return eval(compile(last, filename, "eval"), ns) if last is not None else None
+    finally:
+        _relay_casa_log()
+        _flush()
 
 
 def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
     """Run one casatasks task on this server, as casampi's server does for
     ``push_command_request('<task>()', parameters=...)``, without eval."""
-    import casatasks
+    from casa_kernel.casa.tasks import _casatasks
 
-    task = getattr(casatasks, taskname, None)
+    task = getattr(_casatasks(), taskname, None)
     if task is None or not callable(task):
         raise ValueError(f"{taskname!r} is not a casatasks task")
     try:
         return task(**parameters)
     finally:
+        _relay_casa_log()
         _flush()
+
+
+def _relay_casa_log() -> None:
+    """Print this server's new CASA warnings and errors, so they reach the notebook.
+
+    CASA logs to one file per server; only WARN and SEVERE lines are relayed.
+    """
+    from casa_kernel.casa import tasks
+
+    if tasks.log_tail is not None:
+        for line in tasks.log_tail.read_new():
+            print(line, file=sys.stderr)
 
 
 def _flush() -> None:

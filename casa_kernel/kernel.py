@@ -46,7 +46,7 @@ class CasaKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        from casa_kernel.casa import bridge, config
+        from casa_kernel.casa import bridge, config, tasks
 
         env = config.casa_environment(config.default_log_dir())
         config.apply_to_process(env)
@@ -54,7 +54,7 @@ class CasaKernel(IPythonKernel):
         # casatasks' parallel helpers look for casampi when they are imported:
         # serve them ours before anything imports casatasks.
         bridge.install(self.cluster_session)
-        bridge.inject_tasks(self.shell.user_ns)
+        tasks.inject_tasks(self.shell.user_ns)
         self.shell.register_magics(CasaMagics(self.shell, self.cluster_session))
         self.shell.user_ns["casa_cluster"] = self.cluster_session
         try:

@@ -120,7 +120,15 @@ def test_simulate_overrides_the_preset(casa_env: dict[str, str], tmp_path: Path)
     assert os.listdir(tmp_path / "sub") == ["x.ms"]
 
 
-def test_simulate_refuses_an_existing_path(tiny_ms: str, tmp_path: Path) -> None:
+def test_simulate_refuses_an_existing_path(
+    tiny_ms: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from casa_kernel.casa import simulate
+
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("simulated before checking the target")
+
+    monkeypatch.setattr(simulate, "_simulate", must_not_run)  # refused up front
     before = sorted(os.listdir(tiny_ms))
     with pytest.raises(FileExistsError, match=f"refusing to overwrite existing path: {tiny_ms}"):
         simulate_ms(tiny_ms, size="tiny")
@@ -145,6 +153,26 @@ def test_failed_simulation_leaves_nothing(
     with pytest.raises(RuntimeError, match="disk full"):
         simulate_ms(tmp_path / "half.ms", size="tiny")
     assert os.listdir(tmp_path) == []
+
+
+def test_simulate_logs_into_the_casa_log_not_stderr(
+    casa_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A fresh process that never imports casatasks (as a notebook cell might).
+    log_dir = tmp_path / "logs"
+    code = (
+        "import sys; from casa_kernel.demo import simulate_ms; "
+        f"simulate_ms({str(tmp_path / 't.ms')!r}, size='tiny'); "
+        "assert 'casatasks' not in sys.modules"
+    )
+    env = {**os.environ, **casa_env, LOG_DIR_VAR: str(log_dir)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\tINFO\t" not in proc.stderr  # only WARN and SEVERE reach the console
+    text = Path(logfile_path(str(log_dir))).read_text()
+    assert "NewMSSimulator" in text and "componentlist closed" not in text
 
 
 def test_simulate_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -21,27 +21,17 @@ form ``'<task>()'`` with a parameters dict, and the response fields
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import itertools
-import os
-import shutil
 import sys
-import threading
 import types
-from pathlib import Path
 from typing import Any
 
 from casa_kernel import display, engine
+from casa_kernel.casa import tasks
 from casa_kernel.dispatch import Dispatcher, Job
-from casa_kernel.errors import ClusterError, RemoteError, ServerFailure
+from casa_kernel.errors import ClusterError
 
 _session: Any = None  # the kernel's ClusterSession
-_local = threading.local()
-
-# Selection that leaves a sub-MS without data makes its job fail; CASA treats
-# that as normal (the sub-MS is left out of the output Multi-MS), so do we.
-_BENIGN_FAILURES = ("NullSelection", "Data selection returned no rows", "No data selected")
 
 
 class _EnvironmentMeta(type):
@@ -146,7 +136,7 @@ class MPICommandClient:
             failure = outcome.failure
             if failure is not None:
                 failure.submms = params.get("vis")
-                _record_failure(failure)
+                tasks.record_failure(failure)
             responses.append(
                 {
                     "id": request_id,
@@ -167,12 +157,6 @@ def _cluster() -> Any:
     if _session is None:
         raise ClusterError("casa-kernel's bridge is not installed")
     return _session.require()
-
-
-def _record_failure(failure: ServerFailure) -> None:
-    failures = getattr(_local, "failures", None)
-    if failures is not None:
-        failures.append(failure)
 
 
 def install(session: Any) -> None:
@@ -198,74 +182,3 @@ def install(session: Any) -> None:
     sys.modules["casampi"] = package
     sys.modules["casampi.MPIEnvironment"] = env_module
     sys.modules["casampi.MPICommandClient"] = client_module
-
-
-# -- CASA's tasks in the kernel's namespace -------------------------------------
-
-
-def task_names() -> list[str]:
-    """casatasks' task names, without importing casatasks (each has an XML)."""
-    spec = importlib.util.find_spec("casatasks")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    xml_dir = Path(next(iter(spec.submodule_search_locations))) / "__xml__"
-    return sorted(p.stem for p in xml_dir.glob("*.xml"))
-
-
-class CasaTask:
-    """A casatasks task, imported on first use.
-
-    While a cluster runs, tasks that CASA parallelises over a Multi-MS go to the
-    servers through the bridge. A task that writes ``outputvis`` keeps its output
-    only when every sub-MS succeeded (selection that empties a sub-MS aside):
-    otherwise the half-made output is removed and the error names the sub-MS,
-    server rank and host.
-    """
-
-    def __init__(self, name: str):
-        self.__name__ = self.name = name
-        self.__qualname__ = name
-
-    def _task(self) -> Any:
-        return getattr(importlib.import_module("casatasks"), self.name)
-
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return self._task().__doc__
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return getattr(self._task(), attr)
-
-    def __repr__(self) -> str:
-        return f"<CASA task {self.name}>"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        task = self._task()
-        outputvis = kwargs.get("outputvis")
-        existed = bool(outputvis) and os.path.exists(str(outputvis))
-        _local.failures = failures = []
-        try:
-            ret = task(*args, **kwargs)
-        finally:
-            _local.failures = None
-        real = [f for f in failures if not any(b in f.traceback for b in _BENIGN_FAILURES)]
-        if real:
-            if outputvis and not existed:
-                _remove_output(str(outputvis))
-            raise RemoteError(real, results=ret)
-        return ret
-
-
-def _remove_output(path: str) -> None:
-    """Remove a Multi-MS and its sub-MS folder (``<outputvis>/SUBMSS``)."""
-    shutil.rmtree(path, ignore_errors=True)
-    for extra in (path + ".flagversions",):
-        shutil.rmtree(extra, ignore_errors=True)
-
-
-def inject_tasks(user_ns: dict[str, Any]) -> None:
-    """Put every CASA task in the namespace (not over names the user has)."""
-    for name in task_names():
-        user_ns.setdefault(name, CasaTask(name))

@@ -35,16 +35,16 @@ class Preset:
     nscans: int
 
 
-# Sizes measured on disk with casatools 6.7.0.31 (about 100 bytes per row and
-# channel: DATA, MODEL_DATA, CORRECTED_DATA, FLAG, WEIGHT_SPECTRUM...).
+# Sizes and times measured with casatools 6.7.0.31 on a 2-core machine (disk use is
+# ~100-145 bytes per row and channel: DATA, MODEL_DATA, CORRECTED_DATA, FLAG, ...).
 SIZES: dict[str, Preset] = {
-    # Smallest that still gives four (scan, spw) pairs: 96 rows, < 1 MB, ~0.2 s.
+    # Smallest that still gives four (scan, spw) pairs: 96 rows, 0.7 MB, ~0.15 s.
     "tiny": Preset(nant=4, nchan=4, nint=8, nscans=2),
-    # 9000 rows, ~57 MB, ~1-2 s.
+    # 9000 rows, 55 MB, ~1 s.
     "small": Preset(nant=10, nchan=64, nint=100, nscans=4),
-    # 27300 rows, ~350 MB.
-    "medium": Preset(nant=14, nchan=128, nint=150, nscans=6),
-    # 48000 rows, ~930 MB.
+    # 15840 rows, ~300 MB, ~5 s.
+    "medium": Preset(nant=12, nchan=128, nint=120, nscans=6),
+    # 48000 rows, 890 MB, ~7 s.
     "large": Preset(nant=16, nchan=128, nint=200, nscans=8),
 }
 
@@ -99,10 +99,36 @@ def _source_direction(ra_offset_arcsec: float, dec_offset_arcsec: float) -> str:
     return f"J2000 {ra:.8f}deg {dec:.8f}deg"
 
 
+_tool_logs_routed = False
+
+
+def _log_to_casa_logfile() -> None:
+    """Send the tools' messages to CASA's log file, as ``import casatasks`` does.
+
+    Until casatasks makes its ``casalog`` the global sink, messages of casatools'
+    C++ tools go to stderr only, INFO included: a simulation would print dozens of
+    lines into the notebook (ipykernel forwards fd 2) and none into the log file.
+    Done at most once per process: a second ``setglobal(True)`` on the same sink
+    crashes the process (segmentation fault, casatools 6.7.0.31).  casatasks
+    imported later makes its own sink global, which is safe.
+    """
+    global _tool_logs_routed
+    import sys
+
+    import casatools
+
+    logger = getattr(casatools, "logger", None)  # the logsink on config.logfile
+    if _tool_logs_routed or "casatasks" in sys.modules or logger is None:
+        return
+    logger.setglobal(True)
+    _tool_logs_routed = True
+
+
 def _simulate(ms_path: str, cl_path: str, p: Preset, seed: int) -> None:
     """Write the MS at ``ms_path`` (and its component list at ``cl_path``)."""
     import casatools
 
+    _log_to_casa_logfile()
     cl = casatools.componentlist()
     try:
         for flux, dra, ddec in SOURCES:
@@ -242,8 +268,8 @@ def simulate_ms(
 ) -> str:
     """Simulate a VLA Measurement Set at ``path``; return its absolute path.
 
-    ``size`` is one of ``"tiny"`` (96 rows, < 1 MB), ``"small"`` (9000 rows, ~57 MB),
-    ``"medium"`` (~350 MB) or ``"large"`` (~1 GB); ``nant`` (antennas, 2-27),
+    ``size`` is one of ``"tiny"`` (96 rows, < 1 MB), ``"small"`` (9000 rows, ~55 MB),
+    ``"medium"`` (~300 MB) or ``"large"`` (~0.9 GB); ``nant`` (antennas, 2-27),
     ``nchan`` (channels per spw), ``nint`` (10 s integrations per spw, over all
     scans) and ``nscans`` override the preset.  Rows: ``nant*(nant-1)/2 * nint * 2``.
     ``seed`` seeds the noise, so equal arguments give equal data.
