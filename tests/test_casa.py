@@ -163,6 +163,8 @@ def test_simulate_logs_into_the_casa_log_not_stderr(
     code = (
         "import sys; from casa_kernel.demo import simulate_ms; "
         f"simulate_ms({str(tmp_path / 't.ms')!r}, size='tiny'); "
+        # Twice: routing the tools' log twice would crash the process.
+        f"simulate_ms({str(tmp_path / 'u.ms')!r}, size='tiny'); "
         "assert 'casatasks' not in sys.modules"
     )
     env = {**os.environ, **casa_env, LOG_DIR_VAR: str(log_dir)}
