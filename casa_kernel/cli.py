@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from casa_kernel.errors import CasaKernelError
 
@@ -115,9 +116,114 @@ def _run_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``casa-kernel demo``: run the quickstart notebook headless and summarise it."""
+    from casa_kernel.kernelspec import DEFAULT_NPROCS
+
+    p = subparsers.add_parser(
+        "demo",
+        help="run the quickstart notebook on a local cluster and print what it found",
+        description=(
+            "Execute the packaged quickstart notebook headless (nbclient) on a real "
+            "casa-kernel with a local cluster: simulate a MeasurementSet, partition it "
+            "into a Multi-MS, flag it in parallel, split one spectral window, talk MPI "
+            "to the servers. Needs no data and no network."
+        ),
+    )
+    p.add_argument(
+        "-n",
+        "--nprocs",
+        metavar="N",
+        type=_nprocs,
+        default=DEFAULT_NPROCS,
+        help=f"total MPI processes, the client included (default: {DEFAULT_NPROCS})",
+    )
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        default=None,
+        help="run the notebook in DIR (created if missing, kept); default: a temporary "
+        "directory, removed afterwards",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary working directory (data, executed notebook) and print it",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=900.0,
+        help="give up after S seconds in all (default: 900)",
+    )
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from casa_kernel.demo_runner import EXECUTED_NAME, DemoError, run
+    from casa_kernel.kernelspec import cluster_env
+
+    cluster_env(nprocs=args.nprocs)  # a bad -n fails here (exit 2), before anything runs
+    workdir = args.workdir
+    if workdir is None and args.keep:
+        workdir = tempfile.mkdtemp(prefix="casa-kernel-demo-")
+
+    def progress(position: int, total: int, first_line: str) -> None:
+        print(f"  [{position:2d}/{total}] {first_line}", file=sys.stderr, flush=True)
+
+    print(
+        f"{PROG} demo: running the quickstart notebook on {args.nprocs} processes "
+        f"(1 client + {args.nprocs - 1} servers)",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.monotonic()
+    try:
+        result = run(workdir, nprocs=args.nprocs, timeout=args.timeout, progress=progress)
+    except DemoError as exc:
+        print(f"{PROG} demo: error: {exc}", file=sys.stderr)
+        if workdir is not None:
+            path = os.path.join(os.path.abspath(workdir), EXECUTED_NAME)
+            print(f"  {'executed notebook:':<21} {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    seconds = time.monotonic() - start
+    print(_demo_summary(result, seconds))
+    if workdir is not None:
+        path = os.path.join(os.path.abspath(workdir), EXECUTED_NAME)
+        print(f"  {'executed notebook:':<21} {path}")
+    return EXIT_OK
+
+
+def _demo_summary(result: dict[str, Any], seconds: float) -> str:
+    """The human summary of a demo run, from the notebook's ``quickstart_result``."""
+    total = result.get("total") or 0
+
+    def flagged(key: str) -> str:
+        count = result.get(key, 0)
+        share = f" ({count / total:.1%})" if total else ""
+        return f"{count} visibilities{share}"
+
+    rows = [
+        ("servers", f"{result.get('servers')}"),
+        ("simulated MS", f"{result.get('rows')} rows, {total} visibilities"),
+        ("flagged before", flagged("flagged_before")),
+        ("flagged after rflag", flagged("flagged_after_rflag")),
+        ("target.mms (spw 0)", f"{result.get('target_rows')} rows"),
+        ("wall time", f"{seconds:.1f} s"),
+    ]
+    lines = [f"{PROG} demo: the quickstart notebook ran to the end"]
+    lines += [f"  {label + ':':<21} {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
 #: name -> function adding that subcommand's parser (which sets ``func``).
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "install": _add_install_parser,
+    "demo": _add_demo_parser,
 }
 
 

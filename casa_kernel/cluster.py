@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -305,11 +306,11 @@ class CasaCluster:
         except Exception:
             queues = {}
         infos = []
-        for rank, info in sorted(self.servers.items()):
-            if rank not in alive:
+        for eid, info in sorted(self.servers.items(), key=lambda item: item[1].rank):
+            if eid not in alive:
                 state = "dead"
             else:
-                q = queues.get(rank, {})
+                q = queues.get(eid, {})
                 state = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
             infos.append(ServerInfo(info.rank, info.host, info.pid, state))
         return infos
@@ -386,20 +387,69 @@ class CasaCluster:
         client = await cluster.connect_client()
         await self._wait_for_engines(client)
         self._progress = "servers registered; binding rank, size, comm"
+        await self._setup_servers(client)
+        self.client = client
+        return client
+
+    async def _setup_servers(self, client: Any) -> None:
+        """Bind rank/size/comm on every server and learn where each one runs."""
         from casa_kernel import engine
 
-        view = client[:]
-        infos = await asyncio.wrap_future(view.apply_async(engine.setup_server))
-        self.servers = {rank: ServerInfo(rank, host, pid, "idle") for (rank, host, pid) in infos}
-        for info in self.servers.values():
-            if placement.is_local:
-                self._pids.add(info.pid)
+        ids = sorted(client.ids)
+        ar = client[ids].apply_async(engine.setup_server)
+        infos = await asyncio.wrap_future(ar)
+        # keyed by engine id; engine ids need not equal ranks after a recovery
+        self.servers = {
+            eid: ServerInfo(rank, host, pid, "idle")
+            for eid, (rank, host, pid) in zip(ar.engine_id, infos)
+        }
+        if self.config.placement.is_local:
+            self._pids.update(info.pid for info in self.servers.values())
         # The controller's schedulers and the engines' nannies exist by now.
+        cluster = self._ipp_cluster
         for launcher in [cluster.controller, *cluster.engines.values()]:
             self._track(launcher)
         self._report_pids()
-        self.client = client
-        return client
+
+    def engine_ids(self) -> list[int]:
+        """Engine ids of the live servers, in rank order."""
+        alive = set(self.client.ids) if self.client is not None else set()
+        pairs = sorted((info.rank, eid) for eid, info in self.servers.items() if eid in alive)
+        return [eid for _, eid in pairs]
+
+    def recover(self, timeout: float | None = None) -> str:
+        """Replace a dead engine set (OpenMPI ends the whole world when one rank
+        dies) by a new one on the same controller; returns what mpiexec said
+        about the death, e.g. which rank died of which signal."""
+        if self.state != "running":
+            raise ClusterError(f"cannot recover a cluster that is {self.state}")
+        timeout = self.config.start_timeout if timeout is None else timeout
+        future = asyncio.run_coroutine_threadsafe(self._recover(), self._loop)
+        return future.result(timeout=timeout)
+
+    async def _recover(self) -> str:
+        cluster = self._ipp_cluster
+        old_pids = {info.pid for info in self.servers.values()}
+        # mpiexec ends the job after a rank died; give it a moment to say why.
+        deadline = time.monotonic() + 5
+        while self.engine_set_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cause = death_cause(self.mpiexec_output())
+        self._progress = "replacing the servers after a server died"
+        await cluster.stop_engines()
+        reap(old_pids & self._pids, grace=1.0)
+        self._pids -= old_pids
+        client = self.client
+        # wait until the controller has unregistered every dead engine
+        while client.ids:
+            await asyncio.sleep(0.02)
+        await cluster.start_engines(self.config.nservers)
+        for engine_set in cluster.engines.values():
+            self._track(engine_set)
+        await self._wait_for_engines(client)
+        await self._setup_servers(client)
+        self._progress = "running"
+        return cause
 
     async def _wait_for_engines(self, client: Any) -> None:
         n = self.config.nservers
@@ -470,6 +520,22 @@ class CasaCluster:
             await asyncio.wait_for(cluster.stop_cluster(), timeout=20)
         finally:
             cluster.shutdown_atexit = False
+
+
+# prterun wraps its message: "process rank 1 with PID 0 on node vm exited on\nsignal 9 (Killed)."
+_DEATH = re.compile(
+    r"rank\s+(?P<rank>\d+)\s+with\s+PID\s+(?P<pid>\d+)\s+on\s+node\s+(?P<host>\S+)\s+"
+    r"exited\s+on\s+signal\s+(?P<signal>\d+)(?:\s+\((?P<name>[^)]*)\))?"
+)
+
+
+def death_cause(mpiexec_output: str) -> str:
+    """'rank 1 (pid 123) on vm died of signal 9 (Killed)' from mpiexec's words."""
+    match = _DEATH.search(mpiexec_output)
+    if not match:
+        return "a server died (mpiexec ended the MPI job)"
+    name = f" ({match['name']})" if match["name"] else ""
+    return f"server rank {match['rank']} on {match['host']} died of signal {match['signal']}{name}"
 
 
 def reap(pids: set[int], grace: float = 3.0) -> None:

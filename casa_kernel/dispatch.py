@@ -15,7 +15,9 @@ names the servers still busy.
 
 from __future__ import annotations
 
+import re
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 from casa_kernel import engine
 from casa_kernel.cluster import CasaCluster
 from casa_kernel.display import StreamPrinter, server_label
-from casa_kernel.errors import RemoteError, ServerFailure, TaskTimeout
+from casa_kernel.errors import ClusterError, RemoteError, ServerFailure, TaskTimeout
 
 # How long the servers get to stop after an interrupt before we give up on them.
 INTERRUPT_GRACE = 5.0
@@ -31,6 +33,8 @@ INTERRUPT_GRACE = 5.0
 OUTPUT_INTERVAL = 0.05
 # How long a finished task's last output may lag behind its result.
 OUTPUT_GRACE = 5.0
+# How many times one call replaces dead servers before giving up.
+MAX_RECOVERIES = 2
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Job:
     label: str  # sub-MS path, or "rank R"
     func: Any
     args: tuple[Any, ...]
-    target: int | None = None  # engine id for SPMD; None = load-balanced
+    target: int | None = None  # server rank for SPMD; None = load-balanced
 
 
 @dataclass
@@ -71,8 +75,8 @@ class Dispatcher:
 
     def spmd(self, code: str, timeout: float | None = None) -> list[Any]:
         """Run ``code`` on every server; return values in rank order."""
-        client = self.cluster.wait_ready()
-        ranks = sorted(client.ids)
+        self.cluster.wait_ready()
+        ranks = range(self.cluster.config.nservers)
         jobs = [Job(f"rank {r}", engine.run_cell, (code,), target=r) for r in ranks]
         outcomes = self.execute(jobs, timeout)
         failures = [o.failure for o in outcomes if o.failure]
@@ -102,6 +106,47 @@ class Dispatcher:
         """Submit every job, relay output while they run, collect outcomes."""
         return self.collect(jobs, self.submit(jobs), timeout)
 
+    def collect(
+        self, jobs: list[Job], submitted: list[Any], timeout: float | None = None
+    ) -> list[Outcome]:
+        """Wait for submitted jobs, relaying their output; one Outcome per job.
+
+        A dead server costs no result: OpenMPI ends the whole MPI world when one
+        rank dies, so every job running then dies with it. The engine set is
+        replaced at once (queued load-balanced jobs then flow to the new
+        servers) and exactly the jobs that died are run again; nothing that had
+        finished is re-run.
+        """
+        ars = list(submitted)
+        client = self.cluster.wait_ready()
+        try:
+            for attempt in range(MAX_RECOVERIES + 1):
+                self._wait(client, ars, timeout)
+                # OpenMPI ends the whole world: every engine of it is gone
+                world = set(self.cluster.servers)
+                lost = [i for i, ar in enumerate(ars) if self._lost(ar, world)]
+                if not lost or attempt == MAX_RECOVERIES:
+                    break
+                self._relay(ars)
+                cause = self.cluster.recover()
+                client = self.cluster.client
+                names = ", ".join(jobs[i].label for i in lost)
+                print(
+                    f"casa-kernel: {cause}; started new servers and re-ran: {names}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                for i, ar in zip(lost, self.submit([jobs[i] for i in lost])):
+                    ars[i] = ar
+        finally:
+            # A result can arrive before the last of its output (other socket).
+            for ar in ars:
+                if ar.ready():
+                    ar.wait_for_output(OUTPUT_GRACE)
+            self._relay(ars)
+            self.printer.flush()
+        return [self._outcome(job, ar) for job, ar in zip(jobs, ars)]
+
     def submit(self, jobs: list[Job]) -> list[Any]:
         """Send the jobs to the servers; returns one AsyncResult per job."""
         client = self.cluster.wait_ready()
@@ -111,33 +156,26 @@ class Dispatcher:
             if job.target is None:
                 ar = lview.apply_async(job.func, *job.args)
             else:
-                ar = client[job.target].apply_async(job.func, *job.args)
+                ar = client[self._engine_of(job.target)].apply_async(job.func, *job.args)
             submitted.append(ar)
         return submitted
 
-    def collect(
-        self, jobs: list[Job], submitted: list[Any], timeout: float | None = None
-    ) -> list[Outcome]:
-        """Wait for submitted jobs, relaying their output; one Outcome per job."""
-        client = self.cluster.wait_ready()
-        try:
-            self._wait(client, submitted, timeout)
-        finally:
-            # A result can arrive before the last of its output (other socket).
-            for ar in submitted:
-                if ar.ready():
-                    ar.wait_for_output(OUTPUT_GRACE)
-            self._relay(submitted)
-            self.printer.flush()
-        return [self._outcome(job, ar) for job, ar in zip(jobs, submitted)]
+    def _engine_of(self, rank: int) -> int:
+        for eid, info in self.cluster.servers.items():
+            if info.rank == rank:
+                return eid
+        raise ClusterError(f"no server has rank {rank}")
 
     def _wait(self, client: Any, ars: list[Any], timeout: float | None) -> None:
+        """Until every job is done, a server died, the timeout or Ctrl-C."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(ars)
         try:
             while pending:
                 pending[0].wait(OUTPUT_INTERVAL)
                 self._relay(ars)
+                if self._world_lost(pending):
+                    return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]
                 if pending and deadline is not None and time.monotonic() > deadline:
                     busy = self._busy_engines(pending)
@@ -151,6 +189,23 @@ class Dispatcher:
         except KeyboardInterrupt:
             self._stop_running(client, pending)
             raise
+
+    def _world_lost(self, pending: list[Any]) -> bool:
+        """A server died: a job failed that way, or servers left the controller."""
+        if any(ar.ready() and _died(ar) for ar in pending):
+            return True
+        client = self.cluster.client
+        return client is not None and len(client.ids) < self.cluster.config.nservers
+
+    def _lost(self, ar: Any, world: set[int]) -> bool:
+        """This job died with its server, or was running in the world that ended.
+
+        Jobs still queued in the load-balancer are not lost: they go to the new
+        servers by themselves.
+        """
+        if ar.ready():
+            return _died(ar)
+        return any(md.get("engine_id") in world for md in ar._metadata)
 
     def _stop_running(self, client: Any, pending: list[Any]) -> None:
         """Abort queued work and interrupt the servers running ours."""
@@ -178,9 +233,11 @@ class Dispatcher:
             busy = set(self.cluster.client.ids) if self.cluster.client else set()
         return busy
 
-    def _label(self, rank: int | None) -> str:
-        info = self.cluster.servers.get(rank) if rank is not None else None
-        return server_label(rank, info.host if info else None)
+    def _label(self, eid: int | None) -> str:
+        info = self.cluster.servers.get(eid) if eid is not None else None
+        if info is None:
+            return f"engine {eid}"
+        return server_label(info.rank, info.host)
 
     def _relay(self, ars: list[Any]) -> None:
         """Print what servers wrote since the last relay (metadata is live)."""
@@ -198,32 +255,52 @@ class Dispatcher:
                         seen[name] = len(text)
 
     def _outcome(self, job: Job, ar: Any) -> Outcome:
-        md = ar._metadata[0]
-        rank = md.get("engine_id")
-        info = self.cluster.servers.get(rank) if rank is not None else None
-        outcome = Outcome(job, rank=rank, host=info.host if info else None)
+        eid = ar._metadata[0].get("engine_id")
+        outcome = Outcome(job)
         try:
             outcome.value = ar.get(0)
         except Exception as exc:
-            outcome.failure = failure = failure_from(exc, rank, outcome.host)
-            if outcome.rank is None and failure.rank is not None:
-                outcome.rank = failure.rank
-                info = self.cluster.servers.get(failure.rank)
-                outcome.host = failure.host = info.host if info else None
+            outcome.failure = failure_from(exc)
+            if eid is None:
+                eid = outcome.failure.engine_id
+        info = self.cluster.servers.get(eid) if eid is not None else None
+        if info is not None:
+            outcome.rank, outcome.host = info.rank, info.host
+            if outcome.failure is not None:
+                outcome.failure.rank, outcome.failure.host = info.rank, info.host
         return outcome
 
 
-def failure_from(exc: BaseException, rank: int | None, host: str | None) -> ServerFailure:
-    """Turn an ipyparallel error into a ServerFailure naming rank and host."""
+# "Engine 1 died while ..." (direct) or "Engine b'<uuid>' died ..." (load-balanced)
+_DIED = re.compile(r"Engine (\d+|b'[^']*') died")
+
+
+def _died(ar: Any) -> bool:
+    """True if this finished job failed because its server died."""
+    try:
+        ar.get(0)
+    except Exception as exc:
+        return getattr(exc, "ename", "") == "EngineError" and bool(
+            _DIED.search(getattr(exc, "evalue", "") or str(exc))
+        )
+    return False
+
+
+def failure_from(exc: BaseException) -> ServerFailure:
+    """Turn an ipyparallel error into a ServerFailure (rank/host filled by the caller)."""
     ename = getattr(exc, "ename", type(exc).__name__)
     evalue = getattr(exc, "evalue", str(exc))
     tb = getattr(exc, "traceback", "") or ""
     if isinstance(tb, list):
         tb = "\n".join(tb)
     info = getattr(exc, "engine_info", None) or {}
-    if rank is None:
-        rank = info.get("engine_id")
-    return ServerFailure(rank, host, ename, evalue, trim_traceback(tb))
+    failure = ServerFailure(None, None, ename, evalue, trim_traceback(tb))
+    failure.engine_id = info.get("engine_id")
+    died = _DIED.search(evalue or "") if ename == "EngineError" else None
+    failure.died = died is not None
+    if died and failure.engine_id is None and died.group(1).isdigit():
+        failure.engine_id = int(died.group(1))
+    return failure
 
 
 def trim_traceback(tb: str) -> str:

@@ -63,6 +63,10 @@ def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
     ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells).
     The cell is registered with linecache so remote tracebacks show its lines.
     """
+    if "rank" not in _state:
+        # A load-balanced job can reach a new server (after a recovery) before
+        # the client's setup call does.
+        setup_server()
     ns = _user_ns()
     if bindings:
         ns.update(bindings)

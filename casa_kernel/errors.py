@@ -69,6 +69,8 @@ class ServerFailure:
         self.evalue = evalue
         self.traceback = traceback
         self.submms = submms
+        self.engine_id: int | None = None
+        self.died = False  # the server died (killed, crashed) while running it
 
     def headline(self) -> str:
         where = f"server rank {self.rank} on {self.host}"

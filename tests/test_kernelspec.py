@@ -161,10 +161,13 @@ def test_pyproject_lists_every_subpackage() -> None:
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     declared = set(config["packages"])
-    assert config["package-dir"] == {ASSETS_PACKAGE: "kernelspec"}
+    assert config["package-dir"] == {
+        ASSETS_PACKAGE: "kernelspec",
+        "casa_kernel.notebooks": "notebooks",
+    }
     # Every directory with Python files (resources/ too: setuptools warns about
     # an importable directory left out, even when its files ship as data).
-    needed = {ASSETS_PACKAGE}
+    needed = {ASSETS_PACKAGE, "casa_kernel.notebooks"}
     for py in (ROOT / "casa_kernel").rglob("*.py"):
         rel = py.parent.relative_to(ROOT / "casa_kernel")
         if "__pycache__" not in rel.parts:

@@ -1,0 +1,154 @@
+"""Nothing lost, nothing left behind: server deaths, interrupts, hangs, bad input."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import stat
+import threading
+import time
+
+import psutil
+import pytest
+from kernels import cluster_processes, execute, kernel_env, kernel_pid, running_kernel
+
+
+def _servers(kc) -> dict[int, int]:
+    """rank -> pid of the kernel's servers."""
+    reply = execute(kc, "%%casa_parallel\nimport os\nos.getpid()")
+    assert reply.status == "ok", reply.error
+    return dict(enumerate(ast.literal_eval(reply.result)))
+
+
+@pytest.fixture(scope="module")
+def mms(tmp_path_factory, casa_env):
+    from casatasks import partition
+
+    from casa_kernel.demo import simulate_ms
+
+    root = tmp_path_factory.mktemp("reliability")
+    ms = simulate_ms(root / "r.ms", nant=5, nchan=8, nint=16, nscans=2)
+    out = str(root / "r.mms")
+    partition(vis=ms, outputvis=out, createmms=True, separationaxis="auto", numsubms=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kc():
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3")) as (km, kc):
+        kc.km = km
+        yield kc
+
+
+def test_killed_server_costs_no_result(kc, mms):
+    cell = (
+        f"%%casa_parallel --vis {mms} --out summ\n"
+        "import time\ntime.sleep(1.5)\nflagdata(vis=vis, mode='summary')"
+    )
+    clean = execute(kc, cell)
+    assert clean.status == "ok", clean.error
+    expected = json.loads(execute(kc, "import json; print(json.dumps(summ))").stdout)
+
+    victim = _servers(kc)[1]
+    killer = threading.Timer(0.8, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    faulty = execute(kc, cell)
+    killer.join()
+    assert faulty.status == "ok", faulty.error
+    assert "server rank 1 on" in faulty.stderr and "died of signal 9" in faulty.stderr
+    assert "re-ran:" in faulty.stderr and "r.mms.000" in faulty.stderr
+    got = json.loads(execute(kc, "import json; print(json.dumps(summ))").stdout)
+    assert got == expected
+    assert victim not in _servers(kc).values()  # new servers took over
+
+
+def test_interrupt_stops_every_server_quickly(kc):
+    started = time.monotonic()
+    threading.Timer(1.5, kc.km.interrupt_kernel).start()
+    reply = execute(kc, "%%casa_parallel\nimport time\ntime.sleep(60)")
+    elapsed = time.monotonic() - started
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt"
+    assert elapsed < 1.5 + 5
+    status = execute(kc, "%casa_cluster status")
+    assert status.result.count("idle") == 2, status.result
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]"
+
+
+def test_hung_server_times_out_naming_it_then_restart_recovers(kc):
+    pids = _servers(kc)
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        reply = execute(kc, "%%casa_parallel --timeout 2\nrank")
+        assert reply.status == "error"
+        assert reply.ename == "TaskTimeout"
+        assert "rank 0@" in reply.evalue and "restart" in reply.evalue
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    reply = execute(kc, "%casa_cluster restart")
+    assert reply.status == "ok", reply.error
+    assert execute(kc, "%%casa_parallel\nrank").result == "[0, 1]"
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+
+
+def test_unpicklable_value_is_a_clear_error(kc):
+    reply = execute(kc, "%%casa_parallel\nimport threading\nthreading.Lock()")
+    assert reply.status == "error"
+    assert "server rank 0 on" in reply.evalue
+    assert "pickle" in reply.evalue.lower() or "serializ" in reply.evalue.lower()
+    assert execute(kc, "%%casa_parallel\nrank").result == "[0, 1]"
+
+
+def test_controller_listens_on_loopback_and_files_are_private(kc):
+    pid = kernel_pid(kc.km)
+    listening = []
+    for proc in cluster_processes(pid):
+        try:
+            cmd = " ".join(proc.cmdline())
+            if "ipyparallel.controller" not in cmd:
+                continue
+            listening += [c for c in proc.net_connections("inet") if c.status == "LISTEN"]
+        except psutil.Error:
+            continue
+    assert listening, "no listening socket found for the controller"
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+    reply = execute(kc, "casa_cluster.cluster._workdir")
+    workdir = ast.literal_eval(reply.result)
+    assert stat.S_IMODE(os.stat(workdir).st_mode) == 0o700
+    json_files = []
+    for root, _dirs, files in os.walk(workdir):
+        json_files += [os.path.join(root, f) for f in files if f.endswith(".json")]
+    assert json_files
+    for path in json_files:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+        with open(path) as f:
+            info = json.load(f)
+        if "key" in info:
+            assert info["key"], "message signing must stay on"
+
+
+def test_missing_mpiexec_is_a_clear_error():
+    env = kernel_env(CASA_KERNEL_NPROCS="3", CASA_KERNEL_MPIEXEC="/nonexistent/mpiexec")
+    with running_kernel(env) as (km, kc):
+        reply = execute(kc, "%%casa_parallel\nrank")
+        assert reply.status == "error"
+        assert "/nonexistent/mpiexec" in reply.error
+        assert cluster_processes(kernel_pid(km)) == []
+
+
+def test_unknown_host_names_the_host(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\nnosuchhost.invalid slots=2\n")
+    env = kernel_env(CASA_KERNEL_HOSTFILE=str(hostfile))
+    with running_kernel(env) as (km, kc):
+        reply = execute(kc, "%%casa_parallel\nrank")
+        assert reply.status == "error"
+        assert "nosuchhost.invalid" in reply.error
+        deadline = time.monotonic() + 10
+        while cluster_processes(kernel_pid(km)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster_processes(kernel_pid(km)) == []
