@@ -405,11 +405,27 @@ class CasaCluster:
         }
         if self.config.placement.is_local:
             self._pids.update(info.pid for info in self.servers.values())
+        self._make_private()
         # The controller's schedulers and the engines' nannies exist by now.
         cluster = self._ipp_cluster
         for launcher in [cluster.controller, *cluster.engines.values()]:
             self._track(launcher)
         self._report_pids()
+
+    def _make_private(self) -> None:
+        """Connection, cluster and log files: owner only (0600, folders 0700).
+
+        ipyparallel writes its connection files 0600 but its cluster file and
+        launcher logs with the default umask; the kernel's umask is the user's,
+        so fix the modes here rather than change it for the whole process.
+        """
+        if not self._workdir:
+            return
+        for root, dirs, files in os.walk(self._workdir):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o700)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o600)
 
     def engine_ids(self) -> list[int]:
         """Engine ids of the live servers, in rank order."""
