@@ -39,6 +39,14 @@ def setup_server() -> tuple[int, str, int]:
     from casa_kernel.casa.tasks import inject_tasks
 
     inject_tasks(ns)  # CASA's tasks, as in the kernel (imported on first use)
+    log_dir = os.environ.get("CASA_KERNEL_LOG_DIR")
+    if log_dir and "log_tail" not in _state:
+        from casa_kernel.casa.config import logfile_path
+        from casa_kernel.casa.logs import LogTail
+
+        # This server's CASA log (named by the site config from host and rank),
+        # read from its current end: what CASA logs from now on is relayed.
+        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank()))
     _state.update(rank=comm.Get_rank(), host=host)
     return comm.Get_rank(), host, os.getpid()
 
@@ -70,6 +78,12 @@ def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
     ns = _user_ns()
     if bindings:
         ns.update(bindings)
+        vis = bindings.get("vis")
+        if isinstance(vis, str) and not os.path.exists(vis):
+            raise FileNotFoundError(
+                f"sub-MS {vis} is not visible on {where()}: a cluster on several hosts "
+                "needs the data at the same path on a shared file system"
+            )
     source = _transform(code)
     counter = _state["cells"] = _state.get("cells", 0) + 1
     filename = f"<casa_parallel cell {counter}>"
@@ -106,10 +120,9 @@ def _relay_casa_log() -> None:
 
     CASA logs to one file per server; only WARN and SEVERE lines are relayed.
     """
-    from casa_kernel.casa import tasks
-
-    if tasks.log_tail is not None:
-        for line in tasks.log_tail.read_new():
+    tail = _state.get("log_tail")
+    if tail is not None:
+        for line in tail.read_new():
             print(line, file=sys.stderr)
 
 

@@ -193,3 +193,92 @@ def test_not_a_multims_is_refused_with_a_clear_error(data, kernel):
     assert "not a Multi-MS" in reply.error and "obs.ms" in reply.error
     reply = execute(kernel, "%%casa_parallel --vis nowhere.mms\nvis")
     assert reply.status == "error" and "nowhere.mms" in reply.error
+
+
+def _column_digest(path: str, column: str) -> tuple[int, float]:
+    from casatools import table
+
+    tb = table()
+    tb.open(path)
+    try:
+        return tb.nrows(), float(np.abs(tb.getcol(column)).sum())
+    finally:
+        tb.close()
+
+
+@pytest.mark.parametrize(
+    "task, kwargs",
+    [
+        ("hanningsmooth", {"datacolumn": "data"}),
+        ("mstransform", {"datacolumn": "data", "chanaverage": True, "chanbin": 2}),
+    ],
+)
+def test_transparent_output_tasks_equal_serial(data, kernel, tmp_path, task, kwargs):
+    import casatasks
+
+    _, ms, mms = data
+    serial_out = str(tmp_path / "serial.ms")
+    getattr(casatasks, task)(vis=ms, outputvis=serial_out, **kwargs)
+    out = str(tmp_path / "parallel.mms")
+    reply = execute(kernel, f"{task}(vis={mms!r}, outputvis={out!r}, **{kwargs!r})")
+    assert reply.status == "ok", reply.error
+    assert os.path.isdir(os.path.join(out, "SUBMSS"))
+    rows, total, keys = _table_digest(out)
+    s_rows, s_total, s_keys = _table_digest(serial_out)
+    assert rows == s_rows > 0 and keys == s_keys
+    assert total == pytest.approx(s_total, rel=1e-5)
+
+
+def test_transparent_setjy_and_applycal_equal_serial(data, kernel, tmp_path):
+    from casatasks import applycal, gaincal, setjy
+
+    _, ms, mms = data
+    ms2, mms2 = _copy(ms, tmp_path / "c.ms"), _copy(mms, tmp_path / "c.mms")
+    manual = {"standard": "manual", "fluxdensity": [1.7, 0, 0, 0], "usescratch": True}
+    setjy(vis=ms2, **manual)
+    reply = execute(kernel, f"setjy(vis={mms2!r}, **{manual!r})")
+    assert reply.status == "ok", reply.error
+    assert _column_digest(mms2, "MODEL_DATA") == pytest.approx(_column_digest(ms2, "MODEL_DATA"))
+
+    caltable = str(tmp_path / "phase.G")
+    gaincal(vis=ms2, caltable=caltable, solint="int", refant="ea01", calmode="p")
+    assert os.path.isdir(caltable)
+    applycal(vis=ms2, gaintable=[caltable], flagbackup=False)
+    reply = execute(kernel, f"applycal(vis={mms2!r}, gaintable=[{caltable!r}], flagbackup=False)")
+    assert reply.status == "ok", reply.error
+    rows, corrected = _column_digest(mms2, "CORRECTED_DATA")
+    s_rows, s_corrected = _column_digest(ms2, "CORRECTED_DATA")
+    assert rows == s_rows and corrected == pytest.approx(s_corrected, rel=1e-6)
+    assert corrected != pytest.approx(_column_digest(ms2, "DATA")[1], rel=1e-9)
+
+
+def test_without_a_cluster_the_same_call_runs_serially(data, kernel, tmp_path):
+    from casatasks import flagdata
+
+    _, ms, mms = data
+    mms2 = _copy(mms, tmp_path / "s.mms")
+    expected = flagdata(vis=ms, mode="summary")
+    assert execute(kernel, "%casa_cluster stop").status == "ok"
+    try:
+        got = _json(kernel, f"flagdata(vis={mms2!r}, mode='summary')")
+        assert got["total"] == expected["total"] and got["spw"] == expected["spw"]
+        reply = execute(kernel, "%%casa_parallel\nrank")
+        assert reply.status == "error" and "no cluster is running" in reply.error
+    finally:
+        reply = execute(kernel, "%casa_cluster start -n 3")
+        assert reply.status == "ok", reply.error
+
+
+def test_server_casa_warnings_reach_the_notebook(data, kernel):
+    _, _, mms = data
+    cell = (
+        f"%%casa_parallel --vis {mms}\n"
+        "from casatasks import casalog\n"
+        "casalog.post('careful: ' + vis[-7:], 'WARN')\n"
+        "casalog.post('quiet info line', 'INFO')"
+    )
+    reply = execute(kernel, cell)
+    assert reply.status == "ok", reply.error
+    assert reply.stderr.count("careful: ") == 4
+    assert "quiet info line" not in reply.stderr
+    assert "@" in reply.stderr.split("careful")[0]  # marked with rank@host

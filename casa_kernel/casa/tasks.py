@@ -33,7 +33,6 @@ _NOISE = [
     "times and coordinates derived from UTC could be wrong",
 ]
 _quietened = False
-log_tail: Any = None
 
 
 def record_failure(failure: ServerFailure) -> None:
@@ -53,12 +52,6 @@ def _casatasks() -> Any:
         # reach the console, hence the notebook.
         module.casalog.showconsole(False)
         _quietened = True
-        from casa_kernel.casa.logs import LogTail
-
-        # From here on (import-time noise excluded), new warnings and errors of
-        # this process can be relayed (servers: engine._relay_casa_log).
-        global log_tail
-        log_tail = LogTail(module.casalog.logfile())
     return module
 
 
