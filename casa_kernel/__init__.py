@@ -17,8 +17,31 @@ from casa_kernel.errors import (
 
 __version__ = "0.1.0"
 
+# Heavier pieces load on first use: importing casa_kernel stays cheap and
+# never loads ipykernel, ipyparallel or CASA.
+_LAZY = {
+    "CasaKernel": "casa_kernel.kernel",
+    "CasaCluster": "casa_kernel.cluster",
+    "ClusterConfig": "casa_kernel.cluster",
+    "Dispatcher": "casa_kernel.dispatch",
+    "simulate_ms": "casa_kernel.demo",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'casa_kernel' has no attribute {name!r}")
+
+
 __all__ = [
+    "CasaCluster",
+    "CasaKernel",
     "CasaKernelError",
+    "ClusterConfig",
+    "Dispatcher",
     "ClusterError",
     "HostfileError",
     "PlacementError",
@@ -26,4 +49,5 @@ __all__ = [
     "ServerFailure",
     "TaskTimeout",
     "__version__",
+    "simulate_ms",
 ]

@@ -36,6 +36,7 @@ from casa_kernel.errors import ClusterError, PlacementError
 from casa_kernel.hostfile import Placement, place, read_hostfile
 
 log = logging.getLogger("casa_kernel.cluster")
+_said = {"root": False}  # things said once per process
 
 #: Environment variables that configure the cluster (the kernelspec sets them).
 ENV_NPROCS = "CASA_KERNEL_NPROCS"
@@ -354,8 +355,12 @@ class CasaCluster:
         # found (by tests, by an admin) even after being orphaned.
         env[ENV_OWNER] = str(os.getpid())
         as_root = running_as_root()
-        if as_root:
-            log.info("running as root: allowing OpenMPI to run as root for this cluster")
+        if as_root and not _said["root"]:
+            _said["root"] = True
+            log.warning(
+                "running as root: setting OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM) and "
+                "PRTE_ALLOW_RUN_AS_ROOT(_CONFIRM) for this kernel's cluster only"
+            )
         env.update(mpi_environment(placement, as_root))
 
         cluster = ipp.Cluster(

@@ -133,3 +133,17 @@ def wait_gone(pid: int, timeout: float) -> list[psutil.Process]:
             return left
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
+
+
+def make_mms(root: str | os.PathLike[str], name: str, **size: int) -> tuple[str, str]:
+    """Simulate ``<root>/<name>.ms`` and partition it into a 4-sub-MS Multi-MS."""
+    from casatasks import partition
+
+    from casa_kernel.demo import simulate_ms
+
+    ms = simulate_ms(os.path.join(root, f"{name}.ms"), **size)
+    mms = os.path.join(root, f"{name}.mms")
+    partition(vis=ms, outputvis=mms, createmms=True, separationaxis="auto", numsubms=4)
+    if len(os.listdir(os.path.join(mms, "SUBMSS"))) != 4:
+        raise RuntimeError(f"partition did not make 4 sub-MSs of {ms}")
+    return ms, mms

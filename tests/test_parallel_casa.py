@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernels import execute, kernel_env, running_kernel
+from kernels import execute, kernel_env, make_mms, running_kernel
 
 
 def _copy(src: str, dst: Path) -> str:
@@ -45,15 +45,8 @@ def _json(kc, expression: str):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, casa_env):
     """A small MS (4 (scan, spw) pairs) and its 4-sub-MS Multi-MS."""
-    from casatasks import partition
-
-    from casa_kernel.demo import simulate_ms
-
     root = tmp_path_factory.mktemp("parallel-casa")
-    ms = simulate_ms(root / "obs.ms", nant=6, nchan=16, nint=40, nscans=2)
-    mms = str(root / "obs.mms")
-    partition(vis=ms, outputvis=mms, createmms=True, separationaxis="auto", numsubms=4)
-    assert len(os.listdir(os.path.join(mms, "SUBMSS"))) == 4
+    ms, mms = make_mms(root, "obs", nant=6, nchan=16, nint=40, nscans=2)
     return root, ms, mms
 
 

@@ -12,7 +12,14 @@ import time
 
 import psutil
 import pytest
-from kernels import cluster_processes, execute, kernel_env, kernel_pid, running_kernel
+from kernels import (
+    cluster_processes,
+    execute,
+    kernel_env,
+    kernel_pid,
+    make_mms,
+    running_kernel,
+)
 
 
 def _servers(kc) -> dict[int, int]:
@@ -24,15 +31,8 @@ def _servers(kc) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def mms(tmp_path_factory, casa_env):
-    from casatasks import partition
-
-    from casa_kernel.demo import simulate_ms
-
     root = tmp_path_factory.mktemp("reliability")
-    ms = simulate_ms(root / "r.ms", nant=5, nchan=8, nint=16, nscans=2)
-    out = str(root / "r.mms")
-    partition(vis=ms, outputvis=out, createmms=True, separationaxis="auto", numsubms=4)
-    return out
+    return make_mms(root, "r", nant=5, nchan=8, nint=16, nscans=2)[1]
 
 
 @pytest.fixture(scope="module")
