@@ -257,6 +257,12 @@ class CasaCluster:
                 return self._start_future.result(timeout=delay)
             except concurrent.futures.TimeoutError:
                 pass
+            except concurrent.futures.CancelledError:
+                raise ClusterError("the cluster was stopped while starting") from None
+            except ClusterError:
+                raise
+            except Exception as exc:
+                raise ClusterError(f"the cluster failed to start: {exc!r}") from exc
             if time.monotonic() > deadline:
                 output = self.mpiexec_output()
                 raise ClusterError(
@@ -269,6 +275,8 @@ class CasaCluster:
         """Stop engines, mpiexec and controller; make sure none of them remains."""
         if self.state == "stopped" and self._ipp_cluster is None:
             return
+        if self.state == "starting" and self._start_future is not None:
+            self._start_future.cancel()  # no engines may start after the stop
         self.state = "stopping"
         future = asyncio.run_coroutine_threadsafe(self._stop(), self._loop)
         try:
@@ -501,6 +509,8 @@ class CasaCluster:
             self.on_pids(set(self._pids))
 
     def _started(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            return
         exc = future.exception()
         if exc is None:
             self.state = "running"

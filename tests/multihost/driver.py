@@ -51,10 +51,16 @@ CLIENT_HOST = "orion"
 HOSTS_ADDRESS = "127.0.1.1"  # on va: not a loopback interface to OpenMPI
 INTERFACE = "va"
 
-# $1 is the host, the rest the command prterun wants run there (one shell line).
+# prterun calls the agent as `agent HOST COMMAND...`, the command being one shell
+# line (the daemon, with its environment set first).  The host is named by
+# Python rather than hostname(1), which newer distributions no longer install.
 AGENT = """#!/bin/sh
 host="$1"; shift
-exec unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "$host" "$*"
+exec unshare --uts {python} -c '
+import os, socket, sys
+socket.sethostname(sys.argv[1])
+os.execv("/bin/sh", ["sh", "-c", sys.argv[2]])
+' "$host" "$*"
 """
 
 SPMD_CELL = """%%casa_parallel
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.resolve()
     setup_namespaces(workdir, hosts)
     agent = workdir / "agent"
-    agent.write_text(AGENT)
+    agent.write_text(AGENT.format(python=shlex.quote(sys.executable)))
     agent.chmod(0o755)
     hostfile = workdir / "hosts.txt"
     hostfile.write_text(hostfile_text)
