@@ -45,6 +45,9 @@ ENV_MPIEXEC = "CASA_KERNEL_MPIEXEC"
 ENV_MPI_ARGS = "CASA_KERNEL_MPI_ARGS"
 ENV_START_TIMEOUT = "CASA_KERNEL_START_TIMEOUT"
 ENV_OWNER = "CASA_KERNEL_OWNER"
+# The name or address the servers use to reach the controller when some of them
+# run on other hosts (default: this machine's socket.getfqdn()).
+ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
@@ -75,6 +78,7 @@ class ClusterConfig:
     mpiexec: str
     extra_mpi_args: tuple[str, ...] = ()
     start_timeout: float = DEFAULT_START_TIMEOUT
+    controller_location: str | None = None  # None: socket.getfqdn() when not all local
 
     @property
     def nservers(self) -> int:
@@ -88,13 +92,20 @@ class ClusterConfig:
         mpiexec: str | None = None,
         extra_mpi_args: tuple[str, ...] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        controller_location: str | None = None,
     ) -> ClusterConfig:
         """Validate everything that can be checked before launching anything."""
         hosts = read_hostfile(hostfile) if hostfile else None
         if nprocs is None and hostfile is None:
             nprocs = DEFAULT_NPROCS
         placement = place(nprocs, hosts, hostfile)
-        return cls(placement, find_mpiexec(mpiexec), tuple(extra_mpi_args), start_timeout)
+        return cls(
+            placement,
+            find_mpiexec(mpiexec),
+            tuple(extra_mpi_args),
+            start_timeout,
+            controller_location or None,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClusterConfig:
@@ -118,6 +129,7 @@ class ClusterConfig:
             mpiexec=env.get(ENV_MPIEXEC) or None,
             extra_mpi_args=tuple(shlex.split(env.get(ENV_MPI_ARGS, ""))),
             start_timeout=timeout,
+            controller_location=env.get(ENV_CONTROLLER_LOCATION, "").strip() or None,
         )
 
 
@@ -378,7 +390,9 @@ class CasaCluster:
             cluster_id=f"casa-kernel-{os.getpid()}",
             # loopback unless servers run on other hosts
             controller_ip="127.0.0.1" if placement.is_local else "*",
-            controller_location="" if placement.is_local else socket.getfqdn(),
+            controller_location=""
+            if placement.is_local
+            else (self.config.controller_location or socket.getfqdn()),
             controller_args=list(CONTROLLER_ARGS),
             engine_timeout=int(self.config.start_timeout),
             shutdown_atexit=True,
