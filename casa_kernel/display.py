@@ -86,5 +86,6 @@ class StatusTable:
 
 
 def progress(message: str) -> None:
-    """Progress while waiting for servers: one line each, on stderr."""
-    print(f"casa-kernel: {message}", file=sys.stderr, flush=True)
+    """Progress while waiting for servers: one line each, on stdout (stderr
+    would look like an error in JupyterLab)."""
+    print(f"casa-kernel: {message}", flush=True)

@@ -8,6 +8,7 @@ the dispatcher.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -99,8 +100,10 @@ class CasaMagics(Magics):
             cluster.wait_ready(progress=display.progress)
         placement = cluster.config.placement
         source = placement.hostfile or "localhost"
+        # without a hostfile everything is on this machine: name it as the servers do
+        client_host = placement.client_host if placement.hostfile else socket.gethostname()
         title = (
-            f"CASA cluster ({cluster.state}): client on {placement.client_host}, "
+            f"CASA cluster ({cluster.state}): client on {client_host}, "
             f"{len(placement.servers)} servers, N={placement.nprocs} ({source})"
         )
         return display.StatusTable(title, cluster.status())

@@ -268,7 +268,7 @@ def outputs(cell: Any) -> list[str]:
 # --------------------------------------------------------------------------- the test
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)  # a backstop: a normal run takes ~20 s
 def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
     """Launcher tile -> kernel idle -> ``rank`` on both servers -> status -> clean shutdown."""
     sync_playwright = require_browser_tools()
