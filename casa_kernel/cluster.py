@@ -223,6 +223,8 @@ class CasaCluster:
         self._workdir: str | None = None
         self._pids: set[int] = set()
         self._start_future: concurrent.futures.Future | None = None
+        self._start_task: asyncio.Task | None = None
+        self._removed_workdirs: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="casa-kernel-cluster", daemon=True
@@ -287,8 +289,6 @@ class CasaCluster:
         """Stop engines, mpiexec and controller; make sure none of them remains."""
         if self.state == "stopped" and self._ipp_cluster is None:
             return
-        if self.state == "starting" and self._start_future is not None:
-            self._start_future.cancel()  # no engines may start after the stop
         self.state = "stopping"
         future = asyncio.run_coroutine_threadsafe(self._stop(), self._loop)
         try:
@@ -301,6 +301,7 @@ class CasaCluster:
             self._report_pids()
             if self._workdir:
                 shutil.rmtree(self._workdir, ignore_errors=True)
+                self._removed_workdirs.append(self._workdir)
                 self._workdir = None
             self.client = None
             self.servers = {}
@@ -312,6 +313,10 @@ class CasaCluster:
         self.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        # Late ipyparallel callbacks (a launcher's log folder) may have recreated
+        # part of a removed folder; with the loop stopped none can run any more.
+        for folder in self._removed_workdirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def restart(self) -> concurrent.futures.Future:
         self.stop()
@@ -364,6 +369,8 @@ class CasaCluster:
     async def _start(self) -> Any:
         import ipyparallel as ipp
 
+        self._start_task = asyncio.current_task()
+
         placement = self.config.placement
         self._workdir = tempfile.mkdtemp(prefix="casa-kernel-")  # 0700: private
         hostfile = os.path.join(self._workdir, "servers.hostfile")
@@ -395,6 +402,10 @@ class CasaCluster:
             else (self.config.controller_location or socket.getfqdn()),
             controller_args=list(CONTROLLER_ARGS),
             engine_timeout=int(self.config.start_timeout),
+            # No cluster file: this object is the only handle (the watchdog, not
+            # `ipcluster stop`, cleans up after a dead kernel), and a file
+            # rewritten by late callbacks would outlive the private folder.
+            cluster_file="",
             shutdown_atexit=True,
             log_level=logging.WARNING,
         )
@@ -543,6 +554,12 @@ class CasaCluster:
         self._report_pids()
 
     async def _stop(self) -> None:
+        task = self._start_task
+        if task is not None and not task.done():
+            # A stop during the start: let the start unwind first, so it cannot
+            # launch anything after the processes below are stopped.
+            task.cancel()
+            await asyncio.wait([task])
         cluster = self._ipp_cluster
         if self.client is not None:
             try:
