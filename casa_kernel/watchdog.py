@@ -49,7 +49,7 @@ class Watchdog:
                 pass
 
     def watch(self, pids: set[int], folders: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        """Replace the set of processes and folders to clean up."""
+        """Replace the set of processes to end; add folders to remove at the end."""
         self._send("pids " + " ".join(str(p) for p in sorted(pids)))
         self._send("dirs " + "\0".join(sorted(folders)))
 
@@ -62,10 +62,7 @@ class Watchdog:
                     self._proc.stdin.close()
                 except BrokenPipeError:
                     pass
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        # Not waited for: after "exit" it waits for this process to end.
 
 
 def main() -> None:
@@ -73,22 +70,42 @@ def main() -> None:
     # watchdog must outlive the kernel to do its job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    kernel = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     pids: set[int] = set()
-    dirs: list[str] = []
+    dirs: set[str] = set()
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line == "exit":
+            # Clean shutdown: the kernel stopped its cluster. Its last folder is
+            # removed once more after the kernel is gone, in case ipyparallel's
+            # exit handlers recreated part of it.
+            _wait_gone(kernel, timeout=30.0)
+            _remove(dirs)
             return
         kind, _, rest = line.partition(" ")
         if kind == "pids":
             pids = {int(p) for p in rest.split()}
         elif kind == "dirs":
-            dirs = [d for d in rest.split("\0") if d]
+            dirs.update(d for d in rest.split("\0") if d)
     # EOF without "exit": the kernel died.
     from casa_kernel.cluster import reap
 
     reap(pids, grace=3.0)
-    for folder in dirs:
+    _wait_gone(kernel, timeout=5.0)
+    _remove(dirs)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except (psutil.Error, psutil.TimeoutExpired):
+        pass
+
+
+def _remove(folders: set[str]) -> None:
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
 
 
