@@ -225,6 +225,7 @@ class CasaCluster:
         self._start_future: concurrent.futures.Future | None = None
         self._start_task: asyncio.Task | None = None
         self._removed_workdirs: list[str] = []
+        self._views: dict[tuple[int, ...], Any] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="casa-kernel-cluster", daemon=True
@@ -304,6 +305,7 @@ class CasaCluster:
                 self._removed_workdirs.append(self._workdir)
                 self._workdir = None
             self.client = None
+            self._views = {}
             self.servers = {}
             self._ipp_cluster = None
             self.state = "stopped"
@@ -327,10 +329,15 @@ class CasaCluster:
         if self.state != "running" or self.client is None:
             return list(self.servers.values())
         alive = set(self.client.ids)
-        try:
-            queues = self.client.queue_status(targets=sorted(alive)) if alive else {}
-        except Exception:
-            queues = {}
+        queues: dict[Any, Any] = {}
+        # The kernel is the cluster's only client: with nothing of ours
+        # outstanding every live server is idle (the hub's counts lag behind
+        # replies already received, which would show a finished server busy).
+        if alive and self.client.outstanding:
+            try:
+                queues = self.client.queue_status(targets=sorted(alive))
+            except Exception:
+                queues = {}
         infos = []
         for eid, info in sorted(self.servers.items(), key=lambda item: item[1].rank):
             if eid not in alive:
@@ -464,6 +471,14 @@ class CasaCluster:
                 os.chmod(os.path.join(root, name), 0o700)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o600)
+
+    def view(self, eids: list[int]) -> Any:
+        """A DirectView on these engines, reused (building one costs ~0.2 ms)."""
+        key = tuple(eids)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.client[list(key)]
+        return view
 
     def engine_ids(self) -> list[int]:
         """Engine ids of the live servers, in rank order."""

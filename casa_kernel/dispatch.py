@@ -77,7 +77,8 @@ class Dispatcher:
         """Run ``code`` on every server; return values in rank order."""
         self.cluster.wait_ready()
         ranks = range(self.cluster.config.nservers)
-        jobs = [Job(f"rank {r}", engine.run_cell, (code,), target=r) for r in ranks]
+        args = (code,)  # one tuple for all: submitted as one DirectView apply
+        jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
         outcomes = self.execute(jobs, timeout)
         failures = [o.failure for o in outcomes if o.failure]
         values = [o.value for o in outcomes]
@@ -107,7 +108,7 @@ class Dispatcher:
         return self.collect(jobs, self.submit(jobs), timeout)
 
     def collect(
-        self, jobs: list[Job], submitted: list[Any], timeout: float | None = None
+        self, jobs: list[Job], submitted: list[Handle], timeout: float | None = None
     ) -> list[Outcome]:
         """Wait for submitted jobs, relaying their output; one Outcome per job.
 
@@ -117,17 +118,17 @@ class Dispatcher:
         servers) and exactly the jobs that died are run again; nothing that had
         finished is re-run.
         """
-        ars = list(submitted)
+        handles = list(submitted)
         client = self.cluster.wait_ready()
         try:
             for attempt in range(MAX_RECOVERIES + 1):
-                self._wait(client, ars, timeout)
+                self._wait(client, handles, timeout)
                 # OpenMPI ends the whole world: every engine of it is gone
                 world = set(self.cluster.servers)
-                lost = [i for i, ar in enumerate(ars) if self._lost(ar, world)]
+                lost = [i for i, h in enumerate(handles) if h.lost(world)]
                 if not lost or attempt == MAX_RECOVERIES:
                     break
-                self._relay(ars)
+                self._relay(handles)
                 cause = self.cluster.recover()
                 client = self.cluster.client
                 names = ", ".join(jobs[i].label for i in lost)
@@ -136,29 +137,46 @@ class Dispatcher:
                     file=sys.stderr,
                     flush=True,
                 )
-                for i, ar in zip(lost, self.submit([jobs[i] for i in lost])):
-                    ars[i] = ar
+                for i, handle in zip(lost, self.submit([jobs[i] for i in lost])):
+                    handles[i] = handle
         finally:
             # A result can arrive before the last of its output (other socket).
-            for ar in ars:
+            for ar in _unique(handles):
                 if ar.ready():
                     ar.wait_for_output(OUTPUT_GRACE)
-            self._relay(ars)
+            self._relay(handles)
             self.printer.flush()
-        return [self._outcome(job, ar) for job, ar in zip(jobs, ars)]
+        return [self._outcome(job, h) for job, h in zip(jobs, handles)]
 
-    def submit(self, jobs: list[Job]) -> list[Any]:
-        """Send the jobs to the servers; returns one AsyncResult per job."""
+    def submit(self, jobs: list[Job]) -> list[Handle]:
+        """Send the jobs to the servers; one Handle per job.
+
+        Jobs with a target that share one function and arguments (an SPMD cell)
+        go out as ONE DirectView apply: serialized once, one AsyncResult.
+        """
         client = self.cluster.wait_ready()
-        lview = client.load_balanced_view()
-        submitted = []
-        for job in jobs:
-            if job.target is None:
-                ar = lview.apply_async(job.func, *job.args)
-            else:
-                ar = client[self._engine_of(job.target)].apply_async(job.func, *job.args)
-            submitted.append(ar)
-        return submitted
+        handles: list[Handle | None] = [None] * len(jobs)
+        direct = [i for i, job in enumerate(jobs) if job.target is not None]
+        first = jobs[direct[0]] if direct else None
+        if (
+            first is not None
+            and len(direct) > 1
+            and all(jobs[i].func is first.func and jobs[i].args is first.args for i in direct)
+        ):
+            eids = [self._engine_of(jobs[i].target) for i in direct]
+            ar = self.cluster.view(eids).apply_async(first.func, *first.args)
+            for index, i in enumerate(direct):
+                handles[i] = Handle(ar, index, multi=True)
+            direct = []
+        for i in direct:
+            ar = client[self._engine_of(jobs[i].target)].apply_async(jobs[i].func, *jobs[i].args)
+            handles[i] = Handle(ar)
+        balanced = [i for i, job in enumerate(jobs) if job.target is None]
+        if balanced:
+            lview = client.load_balanced_view()
+            for i in balanced:
+                handles[i] = Handle(lview.apply_async(jobs[i].func, *jobs[i].args))
+        return [h for h in handles if h is not None]
 
     def _engine_of(self, rank: int) -> int:
         for eid, info in self.cluster.servers.items():
@@ -166,15 +184,15 @@ class Dispatcher:
                 return eid
         raise ClusterError(f"no server has rank {rank}")
 
-    def _wait(self, client: Any, ars: list[Any], timeout: float | None) -> None:
+    def _wait(self, client: Any, handles: list[Handle], timeout: float | None) -> None:
         """Until every job is done, a server died, the timeout or Ctrl-C."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(ars)
+        pending = [ar for ar in _unique(handles) if not ar.ready()]
         try:
             while pending:
                 pending[0].wait(OUTPUT_INTERVAL)
-                self._relay(ars)
-                if self._world_lost(pending):
+                self._relay(handles)
+                if self._world_lost(handles):
                     return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]
                 if pending and deadline is not None and time.monotonic() > deadline:
@@ -190,22 +208,12 @@ class Dispatcher:
             self._stop_running(client, pending)
             raise
 
-    def _world_lost(self, pending: list[Any]) -> bool:
+    def _world_lost(self, handles: list[Handle]) -> bool:
         """A server died: a job failed that way, or servers left the controller."""
-        if any(ar.ready() and _died(ar) for ar in pending):
+        if any(h.died() for h in handles):
             return True
         client = self.cluster.client
         return client is not None and len(client.ids) < self.cluster.config.nservers
-
-    def _lost(self, ar: Any, world: set[int]) -> bool:
-        """This job died with its server, or was running in the world that ended.
-
-        Jobs still queued in the load-balancer are not lost: they go to the new
-        servers by themselves.
-        """
-        if ar.ready():
-            return _died(ar)
-        return any(md.get("engine_id") in world for md in ar._metadata)
 
     def _stop_running(self, client: Any, pending: list[Any]) -> None:
         """Abort queued work and interrupt the servers running ours."""
@@ -224,12 +232,19 @@ class Dispatcher:
             ar.wait(max(0.0, deadline - time.monotonic()))
 
     def _busy_engines(self, pending: list[Any]) -> set[int]:
+        """Engines of the unfinished parts of these results."""
         busy: set[int] = set()
         for ar in pending:
-            for md in ar._metadata:
-                if md.get("started") is not None and md.get("engine_id") is not None:
-                    busy.add(md["engine_id"])
-        if not busy:  # not started yet as far as we know: every engine may hold one
+            targets = getattr(ar, "_targets", None) or []
+            for i, (md, child) in enumerate(zip(ar._metadata, ar._children)):
+                if child.done():
+                    continue
+                eid = md.get("engine_id")
+                if eid is None and i < len(targets) and isinstance(targets[i], int):
+                    eid = targets[i]  # a direct job: its engine is known before it starts
+                if eid is not None:
+                    busy.add(eid)
+        if not busy:  # load-balanced and not started: every engine may hold one
             busy = set(self.cluster.client.ids) if self.cluster.client else set()
         return busy
 
@@ -239,26 +254,26 @@ class Dispatcher:
             return f"engine {eid}"
         return server_label(info.rank, info.host)
 
-    def _relay(self, ars: list[Any]) -> None:
+    def _relay(self, handles: list[Handle]) -> None:
         """Print what servers wrote since the last relay (metadata is live)."""
-        for ar in ars:
-            for md in ar._metadata:
-                rank = md.get("engine_id")
-                if rank is None:
-                    continue
-                seen = md.setdefault("_casa_kernel_seen", {})
-                for name in ("stdout", "stderr"):
-                    text = md.get(name) or ""
-                    done = seen.get(name, 0)
-                    if len(text) > done:
-                        self.printer.write(self._label(rank), name, text[done:])
-                        seen[name] = len(text)
+        for handle in handles:
+            md = handle.metadata
+            eid = md.get("engine_id")
+            if eid is None:
+                continue
+            seen = md.setdefault("_casa_kernel_seen", {})
+            for name in ("stdout", "stderr"):
+                text = md.get(name) or ""
+                done = seen.get(name, 0)
+                if len(text) > done:
+                    self.printer.write(self._label(eid), name, text[done:])
+                    seen[name] = len(text)
 
-    def _outcome(self, job: Job, ar: Any) -> Outcome:
-        eid = ar._metadata[0].get("engine_id")
+    def _outcome(self, job: Job, handle: Handle) -> Outcome:
+        eid = handle.metadata.get("engine_id")
         outcome = Outcome(job)
         try:
-            outcome.value = ar.get(0)
+            outcome.value = handle.value()
         except Exception as exc:
             outcome.failure = failure_from(exc)
             if eid is None:
@@ -271,19 +286,66 @@ class Dispatcher:
         return outcome
 
 
+@dataclass
+class Handle:
+    """One job's share of an AsyncResult (an SPMD apply covers every server)."""
+
+    ar: Any
+    index: int = 0
+    multi: bool = False
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.ar._metadata[self.index]
+
+    def ready(self) -> bool:
+        return self.ar.ready()
+
+    def value(self) -> Any:
+        """The job's value; its exception is raised."""
+        if not self.multi:
+            return self.ar.get(0)
+        value = self.ar.get(0, return_exceptions=True)[self.index]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def died(self) -> bool:
+        """Finished because its server died."""
+        if not self.ready():
+            return False
+        try:
+            self.value()
+        except Exception as exc:
+            return _is_death(exc)
+        return False
+
+    def lost(self, world: set[int]) -> bool:
+        """Died with its server, or was running in the world that ended.
+
+        Jobs still queued in the load-balancer are not lost: they go to the new
+        servers by themselves.
+        """
+        if self.ready():
+            return self.died()
+        return self.metadata.get("engine_id") in world
+
+
+def _unique(handles: list[Handle]) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for handle in handles:
+        seen.setdefault(id(handle.ar), handle.ar)
+    return list(seen.values())
+
+
 # "Engine 1 died while ..." (direct) or "Engine b'<uuid>' died ..." (load-balanced)
 _DIED = re.compile(r"Engine (\d+|b'[^']*') died")
 
 
-def _died(ar: Any) -> bool:
-    """True if this finished job failed because its server died."""
-    try:
-        ar.get(0)
-    except Exception as exc:
-        return getattr(exc, "ename", "") == "EngineError" and bool(
-            _DIED.search(getattr(exc, "evalue", "") or str(exc))
-        )
-    return False
+def _is_death(exc: BaseException) -> bool:
+    return getattr(exc, "ename", "") == "EngineError" and bool(
+        _DIED.search(getattr(exc, "evalue", "") or str(exc))
+    )
 
 
 def failure_from(exc: BaseException) -> ServerFailure:

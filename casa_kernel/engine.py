@@ -84,20 +84,35 @@ def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
                 f"sub-MS {vis} is not visible on {where()}: a cluster on several hosts "
                 "needs the data at the same path on a shared file system"
             )
+    body, last = _compiled(code)
+    try:
+        exec(body, ns)
+        return eval(last, ns) if last is not None else None
+    finally:
+        # (the engine flushes stdout/stderr itself after each request)
+        _relay_casa_log()
+
+
+def _compiled(code: str) -> tuple[Any, Any]:
+    """The cell compiled as statements + last expression; cached, since the same
+    cell runs once per sub-MS (and again on every dispatch of a loop)."""
+    cache = _state.setdefault("compiled", {})
+    hit = cache.get(code)
+    if hit is not None:
+        return hit
     source = _transform(code)
     counter = _state["cells"] = _state.get("cells", 0) + 1
     filename = f"<casa_parallel cell {counter}>"
+    # registered with linecache so remote tracebacks show the cell's lines
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     tree = ast.parse(source, filename)
-    last: ast.Expression | None = None
+    last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    try:
-        exec(compile(tree, filename, "exec"), ns)
-        return eval(compile(last, filename, "eval"), ns) if last is not None else None
-    finally:
-        _relay_casa_log()
-        _flush()
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    compiled = cache[code] = (compile(tree, filename, "exec"), last)
+    if len(cache) > 256:  # a bound, not an LRU: plenty for a notebook session
+        cache.pop(next(iter(cache)))
+    return compiled
 
 
 def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
@@ -112,7 +127,6 @@ def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
         return task(**parameters)
     finally:
         _relay_casa_log()
-        _flush()
 
 
 def _relay_casa_log() -> None:
@@ -121,14 +135,8 @@ def _relay_casa_log() -> None:
     CASA logs to one file per server; only WARN and SEVERE lines are relayed.
     """
     tail = _state.get("log_tail")
-    if tail is not None:
+    # nothing can have been logged before CASA was imported (and it saves a stat
+    # of the log file on every dispatch of a CASA-free cell)
+    if tail is not None and "casatools" in sys.modules:
         for line in tail.read_new():
             print(line, file=sys.stderr)
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass

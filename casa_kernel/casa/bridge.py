@@ -116,9 +116,9 @@ class MPICommandClient:
             str(params.get("vis", taskname)), engine.run_casa_task, (taskname, params), target
         )
         dispatcher = Dispatcher(_cluster())
-        (ar,) = dispatcher.submit([job])
+        (handle,) = dispatcher.submit([job])
         request_id = next(self._ids)
-        self._requests[request_id] = (job, ar, command, params)
+        self._requests[request_id] = (job, handle, command, params)
         if block:
             return self.get_command_response([request_id], True, True)
         return [request_id]
@@ -130,7 +130,7 @@ class MPICommandClient:
         dispatcher = Dispatcher(_cluster())
         outcomes = dispatcher.collect([r[0] for r in requests], [r[1] for r in requests])
         responses = []
-        for request_id, (_job, _ar, command, params), outcome in zip(
+        for request_id, (_job, _handle, command, params), outcome in zip(
             command_request_id_list, requests, outcomes
         ):
             failure = outcome.failure
