@@ -27,6 +27,9 @@ def casa_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
     log_dir = tmp_path_factory.mktemp("casa-logs")
     with pytest.MonkeyPatch.context() as mp:
+        # CASA writes files into the working directory (rflag's threshold
+        # reports, .last files): never into the checkout.
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
         mp.delenv("CASASITECONFIG", raising=False)
         env = casa_environment(str(log_dir))
         for name in env:  # registers the old values for restoring
