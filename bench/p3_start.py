@@ -142,7 +142,9 @@ def start_timeline() -> dict[str, float]:
 
     import ipyparallel as ipp
 
-    from casa_kernel.cluster import CasaCluster, ClusterConfig
+    from casa_kernel import servers
+    from casa_kernel.cluster import ClusterConfig
+    from casa_kernel.lifecycle import CasaCluster
 
     marks: dict[str, float] = {}
     t0 = [0.0]
@@ -163,7 +165,15 @@ def start_timeline() -> dict[str, float]:
     wrap(ipp.Cluster, "start_controller", "controller up (connection file written)")
     wrap(ipp.Cluster, "start_engines", "mpiexec launched")
     wrap(ipp.Cluster, "connect_client", "client connected")
-    wrap(CasaCluster, "_wait_for_engines", "all engines registered")
+    # registration ends where the servers' setup begins: mark its start
+    setup = servers.EngineSet._setup
+    saved[(servers.EngineSet, "_setup")] = setup
+
+    async def marked_setup(self: Any, client: Any) -> None:
+        marks["all engines registered"] = time.perf_counter() - t0[0]
+        await setup(self, client)
+
+    servers.EngineSet._setup = marked_setup  # type: ignore[method-assign]
     try:
         cluster = CasaCluster(ClusterConfig.from_options(nprocs=3))
         t0[0] = time.perf_counter()

@@ -25,8 +25,9 @@ TARGET = 0.50
 
 
 def run(mib: float, repeats: int) -> dict[str, Any]:
-    from casa_kernel.cluster import CasaCluster, ClusterConfig
+    from casa_kernel.cluster import ClusterConfig
     from casa_kernel.dispatch import Dispatcher
+    from casa_kernel.lifecycle import CasaCluster
 
     cluster = CasaCluster(ClusterConfig.from_options(nprocs=3))
     try:

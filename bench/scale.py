@@ -33,8 +33,9 @@ from p3_start import mpiexec_floor
 
 
 def casa_kernel_at(n: int, repeats: int, profile: bool) -> dict[str, Any]:
-    from casa_kernel.cluster import CasaCluster, ClusterConfig
+    from casa_kernel.cluster import ClusterConfig
     from casa_kernel.dispatch import Dispatcher
+    from casa_kernel.lifecycle import CasaCluster
 
     cluster = CasaCluster(ClusterConfig.from_options(nprocs=n + 1, start_timeout=900))
     result: dict[str, Any] = {}

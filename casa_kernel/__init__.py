@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # never loads ipykernel, ipyparallel or CASA.
 _LAZY = {
     "CasaKernel": "casa_kernel.kernel",
-    "CasaCluster": "casa_kernel.cluster",
+    "CasaCluster": "casa_kernel.lifecycle",
     "ClusterConfig": "casa_kernel.cluster",
     "Dispatcher": "casa_kernel.dispatch",
     "simulate_ms": "casa_kernel.demo",

@@ -1,6 +1,16 @@
-"""The project's exceptions: one base class and a few children that say where."""
+"""The project's exceptions: one base class and a few children that say where.
+
+A failure on a server is a :class:`ServerFailure` that is ALSO an instance of
+the remote exception's type when that type is a built-in one (a failed sub-MS
+whose server raised ``FileNotFoundError`` can be caught with ``except
+FileNotFoundError``), with the server's traceback attached, headed by rank,
+host and sub-MS -- what mpi4py.futures does by re-raising with ``__cause__``.
+"""
 
 from __future__ import annotations
+
+import builtins
+from typing import Any
 
 
 class CasaKernelError(Exception):
@@ -25,34 +35,31 @@ class ClusterError(CasaKernelError, RuntimeError):
     """The cluster could not start, died, or is not running."""
 
 
-class RemoteError(CasaKernelError):
-    """Work failed on one or more servers.
+class ServersLost(ClusterError):
+    """Servers died or stopped answering; says which ranks and what was done."""
 
-    ``failures`` is a list of :class:`ServerFailure`; ``results`` holds what did
-    succeed, so nothing is lost when one sub-MS fails.
+
+class TaskTimeout(CasaKernelError, TimeoutError):
+    """Work did not finish within the task timeout; names the servers still busy."""
+
+
+class RemoteTraceback(Exception):
+    """The server's traceback, as text: the ``__cause__`` of a ServerFailure."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text.rstrip()
+
+
+class ServerFailure(CasaKernelError):
+    """One failed piece of work: where it ran (rank, host, sub-MS) and why.
+
+    Build with :func:`server_failure`, which picks a subclass that is also the
+    remote exception's built-in type.
     """
-
-    max_shown = 4  # cap on the tracebacks printed, as ipyparallel's CompositeError
-
-    def __init__(self, failures: list[ServerFailure], results: object = None):
-        self.failures = failures
-        self.results = results
-        super().__init__(self._summary())
-
-    def _summary(self) -> str:
-        lines = [f"{len(self.failures)} task(s) failed on the servers:"]
-        for failure in self.failures[: self.max_shown]:
-            lines.append(failure.headline())
-            if failure.traceback:
-                lines.append(failure.traceback.rstrip())
-        hidden = len(self.failures) - self.max_shown
-        if hidden > 0:
-            lines.append(f"... and {hidden} more (see .failures)")
-        return "\n".join(lines)
-
-
-class ServerFailure:
-    """One failed piece of work: where it ran and why it failed."""
 
     def __init__(
         self,
@@ -63,23 +70,103 @@ class ServerFailure:
         traceback: str = "",
         submms: str | None = None,
     ):
+        # Exception's own __init__: the mixed-in built-in's (SyntaxError, OSError)
+        # would read these arguments as its own fields
+        Exception.__init__(self, ename, evalue)
         self.rank = rank
         self.host = host
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
         self.submms = submms
-        self.engine_id: int | None = None
-        self.died = False  # the server died (killed, crashed) while running it
+        if traceback:
+            self.__cause__ = RemoteTraceback(traceback)
 
     def headline(self) -> str:
         where = f"server rank {self.rank} on {self.host}"
         what = f"sub-MS {self.submms}: " if self.submms else ""
         return f"[{where}] {what}{self.ename}: {self.evalue}"
 
+    def __str__(self) -> str:
+        return self.headline()
+
     def __repr__(self) -> str:
-        return f"<ServerFailure {self.headline()}>"
+        return f"<{type(self).__name__} {self.headline()}>"
 
 
-class TaskTimeout(CasaKernelError, TimeoutError):
-    """Work did not finish within the task timeout; names the servers still busy."""
+_failure_types: dict[str, type[ServerFailure]] = {}
+
+
+def server_failure(
+    rank: int | None,
+    host: str | None,
+    ename: str,
+    evalue: str,
+    traceback: str = "",
+    submms: str | None = None,
+) -> ServerFailure:
+    """A ServerFailure that is also an instance of the remote built-in exception type.
+
+    ``ename`` names the remote type; only built-in exception types are mixed in
+    (a user's own class need not exist in the kernel, and importing modules by a
+    name received from a server is not something to do).
+    """
+    cls = _failure_type(ename)
+    failure = cls.__new__(cls)
+    ServerFailure.__init__(failure, rank, host, ename, evalue, traceback, submms)
+    return failure
+
+
+def _failure_type(ename: str) -> type[ServerFailure]:
+    base: Any = getattr(builtins, ename, None)
+    if not (isinstance(base, type) and issubclass(base, Exception)) or issubclass(
+        base, (KeyboardInterrupt, SystemExit)
+    ):
+        return ServerFailure
+    cls = _failure_types.get(ename)
+    if cls is None:
+        try:
+            cls = type(f"Remote{ename}", (ServerFailure, base), {"__module__": __name__})
+        except TypeError:  # layout conflict (e.g. OSError's C fields): plain type
+            cls = ServerFailure
+        _failure_types[ename] = cls
+    return cls
+
+
+class RemoteError(CasaKernelError):
+    """Work failed on one or more servers.
+
+    ``failures`` is a list of :class:`ServerFailure`; ``results`` holds what did
+    succeed, so nothing is lost when one sub-MS fails. Each failure's type is
+    also the remote one (``isinstance(exc.failures[0], FileNotFoundError)``).
+    One failure prints one headline and one trimmed traceback; the same
+    traceback from several servers is printed once.
+    """
+
+    max_shown = 4  # cap on the tracebacks printed, as ipyparallel's CompositeError
+
+    def __init__(self, failures: list[ServerFailure], results: object = None):
+        self.failures = failures
+        self.results = results
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        if len(self.failures) == 1:
+            failure = self.failures[0]
+            text = failure.headline()
+            if failure.traceback:
+                text += "\n" + failure.traceback.rstrip()
+            return text
+        lines = [f"{len(self.failures)} task(s) failed on the servers:"]
+        shown: set[tuple[str, str, str]] = set()
+        for failure in self.failures[: self.max_shown]:
+            lines.append(failure.headline())
+            # The same cell fails the same way on every server: one traceback
+            key = (failure.ename, failure.evalue, failure.traceback)
+            if failure.traceback and key not in shown:
+                lines.append(failure.traceback.rstrip())
+            shown.add(key)
+        hidden = len(self.failures) - self.max_shown
+        if hidden > 0:
+            lines.append(f"... and {hidden} more (see .failures)")
+        return "\n".join(lines)

@@ -15,9 +15,9 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 
 from casa_kernel import __version__
-from casa_kernel.cluster import ClusterSession
 from casa_kernel.errors import CasaKernelError
 from casa_kernel.magics import CasaMagics
+from casa_kernel.session import ClusterSession
 from casa_kernel.watchdog import Watchdog
 
 log = logging.getLogger("casa_kernel")
@@ -57,6 +57,7 @@ class CasaKernel(IPythonKernel):
         tasks.inject_tasks(self.shell.user_ns)
         self.shell.register_magics(CasaMagics(self.shell, self.cluster_session))
         self.shell.user_ns["casa_cluster"] = self.cluster_session
+        self.shell.set_custom_exc((CasaKernelError,), _show_casa_error)
         try:
             self.cluster_session.start()
         except CasaKernelError as exc:
@@ -70,3 +71,13 @@ class CasaKernel(IPythonKernel):
         except Exception as exc:
             log.error("casa-kernel: error while stopping the cluster: %s", exc)
         return super().do_shutdown(restart)
+
+
+def _show_casa_error(
+    shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """Our errors say where (rank, host, sub-MS, file:line) and carry the server's
+    trimmed traceback; the kernel-side frames above them would only bury that."""
+    stb = [f"\x1b[31m{etype.__name__}\x1b[39m: {value}"]
+    shell._showtraceback(etype, value, stb)  # how IPython's handlers display
+    return stb

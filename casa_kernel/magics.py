@@ -16,9 +16,10 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from casa_kernel import display
-from casa_kernel.cluster import ClusterConfig, ClusterSession
+from casa_kernel.cluster import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
+from casa_kernel.session import ClusterSession
 
 
 @magics_class
@@ -95,9 +96,12 @@ class CasaMagics(Magics):
         )
 
     def _status(self) -> display.StatusTable:
+        # Waits only for a first start (it has a deadline); never for servers
+        # being replaced or stuck: status answers at once whatever they do.
         cluster = self.session.require()
-        if cluster.state == "starting":
+        if str(cluster.state) == "starting":
             cluster.wait_ready(progress=display.progress)
+        rows = cluster.status()  # may start replacing dead servers: state after it
         placement = cluster.config.placement
         source = placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
@@ -106,7 +110,7 @@ class CasaMagics(Magics):
             f"CASA cluster ({cluster.state}): client on {client_host}, "
             f"{len(placement.servers)} servers, N={placement.nprocs} ({source})"
         )
-        return display.StatusTable(title, cluster.status())
+        return display.StatusTable(title, rows)
 
     @cell_magic
     @magic_arguments()

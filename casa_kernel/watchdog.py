@@ -88,7 +88,7 @@ def main() -> None:
         elif kind == "dirs":
             dirs.update(d for d in rest.split("\0") if d)
     # EOF without "exit": the kernel died.
-    from casa_kernel.cluster import reap
+    from casa_kernel.janitor import reap
 
     reap(pids, grace=3.0)
     _wait_gone(kernel, timeout=5.0)

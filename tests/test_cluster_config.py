@@ -7,38 +7,85 @@ import stat
 
 import pytest
 
-from casa_kernel.cluster import (
-    ClusterConfig,
-    death_cause,
-    find_mpiexec,
-    mpi_environment,
-    mpiexec_args,
-)
+from casa_kernel.cluster import ClusterConfig, find_mpiexec
 from casa_kernel.errors import ClusterError, HostfileError, PlacementError
 from casa_kernel.hostfile import parse_hostfile, place
+from casa_kernel.launcher import LaunchSpec, death_cause, mpi_environment, mpiexec_command
+
+SPEC = LaunchSpec("/venv/bin/mpiexec", 2, "/tmp/x/servers.hostfile", local=True)
+PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
 
 
-def test_mpiexec_args_carry_the_derived_hostfile_and_forwarded_env():
-    placement = place(3)
-    args = mpiexec_args(placement, "/tmp/x/servers.hostfile", ("--mca", "btl_tcp_if_include", "va"))
-    assert args[:2] == ["--hostfile", "/tmp/x/servers.hostfile"]
-    assert args[2:4] == ["--bind-to", "none"]
-    forwarded = [args[i + 1] for i, a in enumerate(args) if a == "-x"]
-    assert {"CASASITECONFIG", "CASA_KERNEL_LOG_DIR", "IPP_CONNECTION_INFO"} <= set(forwarded)
-    assert args[-3:] == ["--mca", "btl_tcp_if_include", "va"]
+@pytest.mark.parametrize(
+    "spec, environ, as_root, argv, added",
+    [
+        (  # the plain local case: hostfile, no binding, only set variables forwarded
+            SPEC,
+            {"PATH": "/bin"},
+            False,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", "-x", "PATH", *PROGRAM],
+            {"OMPI_MCA_btl": "^ofi"},
+        ),
+        (  # every forwarded variable that is set, in a fixed order; unset ones not
+            SPEC,
+            {
+                "IPP_CONNECTION_INFO": "{}",
+                "PATH": "/bin",
+                "CASASITECONFIG": "/s.py",
+                "CASA_KERNEL_LOG_DIR": "/l",
+            },
+            False,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", "-x", "PATH", "-x", "CASASITECONFIG"]
+            + ["-x", "CASA_KERNEL_LOG_DIR", "-x", "IPP_CONNECTION_INFO", *PROGRAM],
+            {"OMPI_MCA_btl": "^ofi"},
+        ),
+        (  # site flags go after ours, before the program; remote: ofi left alone
+            LaunchSpec("mpiexec", 7, "/h", local=False, extra_args=("--mca", "x", "y")),
+            {"LD_LIBRARY_PATH": "/lib"},
+            False,
+            ["mpiexec", "-n", "7", "--hostfile", "/h", "--bind-to", "none"]
+            + ["-x", "LD_LIBRARY_PATH", "--mca", "x", "y", *PROGRAM],
+            {},
+        ),
+        (  # root: the four variables OpenMPI and PRRTE demand; user's btl wins
+            SPEC,
+            {"OMPI_MCA_btl": "tcp,self"},
+            True,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", *PROGRAM],
+            {
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "PRTE_ALLOW_RUN_AS_ROOT": "1",
+                "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            },
+        ),
+    ],
+)
+def test_mpiexec_command_table(spec, environ, as_root, argv, added):
+    assert mpiexec_command(spec, PROGRAM, environ, as_root) == (argv, added)
 
 
-def test_root_variables_only_for_root_and_ofi_off_only_locally(monkeypatch):
-    monkeypatch.delenv("OMPI_MCA_btl", raising=False)
-    local = place(3)
-    remote = place(3, parse_hostfile("orion slots=2\nantares slots=2\n"), "h")
-    assert "OMPI_ALLOW_RUN_AS_ROOT" not in mpi_environment(local, as_root=False)
-    root_env = mpi_environment(local, as_root=True)
+def test_no_dash_x_for_unset_variables():
+    """OpenMPI opens its error text with 'Could not find the environment variable'."""
+    argv, _ = mpiexec_command(SPEC, PROGRAM, {}, False)
+    assert "-x" not in argv
+
+
+def test_root_variables_only_for_root_and_ofi_off_only_locally():
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in mpi_environment(True, False, {})
+    root_env = mpi_environment(True, True, {})
     assert root_env["OMPI_ALLOW_RUN_AS_ROOT"] == root_env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
-    assert mpi_environment(local, as_root=False)["OMPI_MCA_btl"] == "^ofi"
-    assert "OMPI_MCA_btl" not in mpi_environment(remote, as_root=False)
-    monkeypatch.setenv("OMPI_MCA_btl", "tcp,self")  # the user's choice wins
-    assert "OMPI_MCA_btl" not in mpi_environment(local, as_root=False)
+    assert mpi_environment(True, False, {})["OMPI_MCA_btl"] == "^ofi"
+    assert "OMPI_MCA_btl" not in mpi_environment(False, False, {})
+    assert "OMPI_MCA_btl" not in mpi_environment(True, False, {"OMPI_MCA_btl": "tcp,self"})
+
+
+def test_placement_of_a_hostfile_is_remote():
+    assert place(3).is_local
+    assert not place(3, parse_hostfile("orion slots=2\nantares slots=2\n"), "h").is_local
 
 
 def test_config_from_env(tmp_path):
@@ -98,8 +145,14 @@ def test_find_mpiexec_refuses_a_file_that_is_not_executable(tmp_path):
             "process rank 3 with PID 77 on node antares exited on signal 11 (Segmentation fault)",
             "server rank 3 on antares died of signal 11 (Segmentation fault)",
         ),
+        (
+            "prterun detected that one or more processes exited with non-zero status,\n"
+            "thus causing the job to be terminated. The first process to do so was:\n\n"
+            "   Process name: [prterun-vm-7972@1,1]\n   Exit code:    3\n",
+            "server rank 1 on vm exited with code 3",
+        ),
         ("", "a server died (mpiexec ended the MPI job)"),
     ],
 )
 def test_death_cause_reads_prterun(output, expected):
-    assert death_cause(output) == expected
+    assert death_cause(output, {0: "vm", 1: "vm"}) == expected

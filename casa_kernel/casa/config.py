@@ -40,11 +40,6 @@ from importlib import resources
 SITECONFIG_VAR = "CASASITECONFIG"
 LOG_DIR_VAR = "CASA_KERNEL_LOG_DIR"
 
-# The variables mpiexec sets to tell a process its rank: OpenMPI, PMIx (OpenMPI 5,
-# others), PMI (MPICH/Hydra, Intel MPI).  The site config reads the same list.
-RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
-
-
 def packaged_siteconfig() -> str:
     """Absolute path of the casaconfig site config shipped in ``casa_kernel/resources``."""
     path = os.path.abspath(str(resources.files("casa_kernel") / "resources" / "casasiteconfig.py"))

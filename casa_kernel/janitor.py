@@ -1,0 +1,136 @@
+"""The cluster's processes and private folder: tracked, told to the watchdog, removed.
+
+Nothing of a cluster may outlive it: every process it started (controller,
+mpiexec/prterun, servers, their nannies) is tracked here, reported to the
+watchdog (which ends them if the kernel dies) and reaped at stop; the private
+folder (connection files, hostfile) is owner-only and removed at stop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import psutil
+
+
+def reap(pids: Iterable[int], grace: float = 3.0) -> None:
+    """Make sure these processes (and their children) are gone: TERM, then KILL."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs[pid] = p
+            for child in p.children(recursive=True):
+                procs[child.pid] = child
+        except psutil.Error:
+            continue
+    if not procs:
+        return
+    for p in procs.values():
+        try:
+            p.terminate()
+            p.resume()  # a stopped (SIGSTOP) process acts on TERM only once resumed
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def kill_now(pids: Iterable[int]) -> None:
+    """SIGKILL at once (stuck or stopped servers honour nothing else)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Janitor:
+    """Pids and the private folder of one cluster; thread-safe."""
+
+    def __init__(self, on_change: Callable[[set[int], set[str]], None] | None = None):
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+        self.workdir: str | None = None
+        self.removed: list[str] = []
+        self.on_change = on_change  # the watchdog's hook
+
+    def make_workdir(self) -> str:
+        with self._lock:
+            self.workdir = tempfile.mkdtemp(prefix="casa-kernel-")  # 0700: private
+        self._report()
+        return self.workdir
+
+    def track(self, launcher: Any) -> None:
+        """A launcher's process and its children (now, in case the parent dies first)."""
+        pid = getattr(launcher, "pid", -1)
+        if not pid or pid <= 0:
+            return
+        found = {pid}
+        try:
+            found.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+        self.add(found)
+
+    def add(self, pids: Iterable[int]) -> None:
+        with self._lock:
+            self._pids.update(pids)
+        self._report()
+
+    def forget(self, pids: Iterable[int]) -> None:
+        with self._lock:
+            self._pids.difference_update(pids)
+        self._report()
+
+    def pids(self) -> set[int]:
+        with self._lock:
+            return set(self._pids)
+
+    def make_private(self) -> None:
+        """Connection, cluster and log files: owner only (0600, folders 0700).
+
+        ipyparallel writes its connection files 0600 but its launcher logs with
+        the default umask; the kernel's umask is the user's, so fix the modes
+        here rather than change it for the whole process.
+        """
+        if not self.workdir:
+            return
+        for root, dirs, files in os.walk(self.workdir):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o700)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o600)
+
+    def clean(self, grace: float = 3.0) -> None:
+        """Reap every tracked process and remove the folder."""
+        reap(self.pids(), grace=grace)
+        with self._lock:
+            self._pids.clear()
+            folder, self.workdir = self.workdir, None
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.removed.append(folder)
+        self._report()
+
+    def remove_late_files(self) -> None:
+        """Late ipyparallel callbacks may recreate part of a removed folder."""
+        for folder in self.removed:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _report(self) -> None:
+        if self.on_change is not None:
+            with self._lock:
+                pids, folders = set(self._pids), {self.workdir} if self.workdir else set()
+            self.on_change(pids, folders)

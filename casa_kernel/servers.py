@@ -1,0 +1,287 @@
+"""The servers of a cluster: one engine set started, watched, replaced; their status.
+
+Split from :mod:`casa_kernel.lifecycle` (which owns the state) so each room
+stays small: here is what talks to ipyparallel about engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from casa_kernel.errors import ClusterError
+from casa_kernel.janitor import kill_now, reap
+from casa_kernel.launcher import (
+    CONTROLLER_ARGS,
+    CasaEngineSetLauncher,
+    death_cause,
+    mpi_environment,
+    running_as_root,
+)
+
+if TYPE_CHECKING:
+    from casa_kernel.lifecycle import CasaCluster
+
+log = logging.getLogger("casa_kernel.cluster")
+_said = {"root": False}  # things said once per process
+
+# How long the controller gets to drop the servers of a killed engine set.
+UNREGISTER_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """One server as ``%casa_cluster status`` shows it."""
+
+    rank: int
+    host: str
+    pid: int
+    state: str  # idle | busy | stuck | dead | starting | replacing
+
+
+class EngineSet:
+    """The current mpiexec engine set of a cluster."""
+
+    def __init__(self, cluster: CasaCluster):
+        self.cluster = cluster
+        self.id: str | None = None
+        self.launcher: Any = None
+        self.last_cause = ""
+        self._stop_data: Any = None
+        self._stopped = threading.Event()
+        self._ours = False  # stopped by us (a replacement), not by a death
+
+    async def start(self) -> Any:
+        """Launch the servers, wait until all registered, set them up; the client."""
+        c = self.cluster
+        ipp, n = c._ipp, c.config.nservers
+        c.note = f"controller up; mpiexec starting {n} servers"
+        self._stopped = threading.Event()
+        self._ours = False
+        es_id = await ipp.start_engines(n)
+        self.id, self.launcher = es_id, ipp.engines[es_id]
+        self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
+        c.janitor.track(self.launcher)
+        client = c.client if c.client is not None else await ipp.connect_client()
+        c.client = client
+        waiting = client.wait_for_engines(
+            n, block=False, timeout=c.config.start_timeout, interactive=False
+        )
+        try:
+            await asyncio.wrap_future(waiting)
+        except Exception as exc:
+            import ipyparallel
+
+            if isinstance(exc, ipyparallel.error.EngineError):
+                raise ClusterError(
+                    f"mpiexec exited before all {n} servers registered "
+                    f"({len(client.ids)} did)\nmpiexec said:\n{self.output()}"
+                ) from None
+            raise
+        c.note = "servers registered; binding rank, size, comm"
+        await self._setup(client)
+        return client
+
+    async def _setup(self, client: Any) -> None:
+        """Bind rank/size/comm on every server and learn where each one runs."""
+        from casa_kernel import engine
+
+        c = self.cluster
+        ar = client[sorted(client.ids)].apply_async(engine.setup_server)
+        infos = await asyncio.wrap_future(ar)
+        # keyed by engine id; engine ids need not equal ranks after a replacement
+        c.servers = {
+            eid: ServerInfo(rank, host, pid, "idle")
+            for eid, (rank, host, pid) in zip(ar.engine_id, infos)
+        }
+        if c.config.placement.is_local:
+            c.janitor.add(info.pid for info in c.servers.values())
+        c.janitor.make_private()
+        for launcher in [c._ipp.controller, *c._ipp.engines.values()]:
+            c.janitor.track(launcher)  # the schedulers and nannies exist by now
+
+    async def replace(self, cause: str) -> None:
+        """Kill this engine set, wait until the controller forgot it, start anew."""
+        c = self.cluster
+        started = time.monotonic()
+        self.last_cause = cause
+        old_pids = {info.pid for info in c.servers.values()}
+        if c.config.placement.is_local:
+            kill_now(old_pids)  # stuck or stopped servers honour nothing else
+        if self.id in c._ipp.engines:
+            self._ours = True
+            try:
+                await asyncio.wait_for(c._ipp.stop_engines(self.id), timeout=UNREGISTER_TIMEOUT)
+            except Exception as exc:
+                log.warning("stopping the old engine set: %r", exc)
+        await asyncio.get_running_loop().run_in_executor(None, reap, old_pids, 1.0)
+        c.janitor.forget(old_pids)
+        c.stuck, c._views = {}, {}  # servers stay listed (as "replacing") until new ones
+        client = c.client
+        deadline = time.monotonic() + UNREGISTER_TIMEOUT
+        delay = 0.005  # nothing to await: the client has no public unregister event
+        while client.ids:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the controller still lists servers {client.ids} after kill")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        await self.start()
+        elapsed = time.monotonic() - started
+        from casa_kernel.lifecycle import State
+
+        with c._lock:
+            c.notices.append(f"{cause}; new servers started ({elapsed:.1f} s)")
+        c._set_state(State.RUNNING, "running")
+
+    def stopped(self, es_id: str, stop_data: Any) -> None:
+        """The engine set ended (on the private loop): replace it unless we stopped it."""
+        if es_id != self.id:
+            return
+        self._stop_data = stop_data
+        self._stopped.set()
+        if not self._ours:
+            self.cluster.replace(self.cause())
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._stopped.wait(timeout)
+
+    def cause(self) -> str:
+        hosts = {info.rank: info.host for info in self.cluster.servers.values()}
+        text = death_cause(self.output(), hosts)
+        code = (self._stop_data or {}).get("exit_code")
+        if text.startswith("a server died") and code not in (None, 0):
+            text = f"the servers' mpiexec ended with exit code {code}"
+        return text
+
+    def output(self) -> str:
+        launcher = self.launcher
+        if launcher is None:
+            return ""
+        try:
+            return (launcher.final_output or launcher.get_output()).strip()
+        except Exception:
+            return launcher.final_output.strip()
+
+
+def missing(cluster: CasaCluster) -> str:
+    """'server rank 1 on vm' for servers the controller no longer lists ('' if none)."""
+    client = cluster.client
+    alive = set(client.ids) if client is not None else set()
+    gone = sorted(
+        (info.rank, info.host) for eid, info in cluster.servers.items() if eid not in alive
+    )
+    if not gone:
+        return ""
+    ranks = ", ".join(str(rank) for rank, _ in gone)
+    hosts = ", ".join(sorted({host for _, host in gone}))
+    return f"server rank {ranks} on {hosts}"
+
+
+def status_rows(cluster: CasaCluster) -> list[ServerInfo]:
+    """Status of each server from what the client already knows (no waiting on them)."""
+    from casa_kernel.lifecycle import State
+
+    state, client = cluster.state, cluster.client
+    infos = sorted(cluster.servers.items(), key=lambda item: item[1].rank)
+    if state is not State.RUNNING or client is None:
+        return [ServerInfo(i.rank, i.host, i.pid, state.value) for _, i in infos]
+    alive = set(client.ids)
+    stuck = {eid for eid, ars in cluster.stuck.items() if any(not ar.ready() for ar in ars)}
+    queues: dict[Any, Any] = {}
+    # The kernel is the cluster's only client: with nothing of ours outstanding
+    # every live server is idle (the hub's counts lag behind replies received).
+    if alive and client.outstanding:
+        try:
+            queues = client.queue_status(targets=sorted(alive))
+        except Exception:
+            queues = {}
+    rows = []
+    for eid, info in infos:
+        q = queues.get(eid, {})
+        if eid not in alive:
+            row = "dead"
+        elif eid in stuck:
+            row = "stuck"
+        else:
+            row = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
+        rows.append(ServerInfo(info.rank, info.host, info.pid, row))
+    gone = missing(cluster)
+    if gone:  # never "running" with dead servers: replace them now
+        cluster.replace(f"{gone} stopped answering the controller")
+    return rows
+
+
+def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) -> Any:
+    """The ipyparallel Cluster: controller on loopback unless servers are remote."""
+    import ipyparallel as ipp
+
+    config, placement = cluster.config, cluster.config.placement
+    hostfile = os.path.join(workdir, "servers.hostfile")
+    with open(hostfile, "w") as f:
+        f.write(placement.server_hostfile_text())
+    as_root = running_as_root()
+    if as_root and not _said["root"]:
+        _said["root"] = True
+        log.warning(
+            "running as root: setting OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM) and "
+            "PRTE_ALLOW_RUN_AS_ROOT(_CONFIRM) for this kernel's cluster only"
+        )
+    log_dir = env.get("CASA_KERNEL_LOG_DIR") or workdir
+    ipp_log = _file_logger(cluster, os.path.join(log_dir, f"casa-kernel-{os.getpid()}-cluster.log"))
+    ipp_cluster = ipp.Cluster(
+        engine_launcher_class=CasaEngineSetLauncher,
+        n=config.nservers,
+        profile_dir=os.path.join(workdir, "profile"),
+        cluster_id=f"casa-kernel-{os.getpid()}",
+        controller_ip="127.0.0.1" if placement.is_local else "*",
+        controller_location=""
+        if placement.is_local
+        else (config.controller_location or socket.getfqdn()),
+        controller_args=list(CONTROLLER_ARGS),
+        engine_timeout=int(config.start_timeout),
+        # No cluster file: this object is the only handle (the watchdog, not
+        # `ipcluster stop`, cleans up after a dead kernel), and a file
+        # rewritten by late callbacks would outlive the private folder.
+        cluster_file="",
+        shutdown_atexit=True,
+        log=ipp_log,
+    )
+    launcher = ipp_cluster.config.CasaEngineSetLauncher
+    launcher.mpi_cmd = [config.mpiexec]
+    launcher.hostfile = hostfile
+    launcher.all_local = placement.is_local
+    launcher.extra_mpi_args = list(config.extra_mpi_args)
+    launcher.environment = env
+    launcher.output_log = ipp_log.casa_kernel_path
+    ipp_cluster.config.LocalControllerLauncher.environment = {
+        **env,
+        **mpi_environment(placement.is_local, as_root, os.environ),
+    }
+    return ipp_cluster
+
+
+def _file_logger(cluster: CasaCluster, path: str) -> Any:
+    """ipyparallel's log (launcher output, engine deaths) to a file, not the notebook."""
+    logger = logging.getLogger(f"casa_kernel.ipyparallel.{id(cluster)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    close_log(cluster)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.casa_kernel_path = path  # type: ignore[attr-defined]
+    return logger
+
+
+def close_log(cluster: CasaCluster) -> None:
+    logger = logging.getLogger(f"casa_kernel.ipyparallel.{id(cluster)}")
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)

@@ -1,0 +1,185 @@
+"""Never stuck: whatever the servers do, the kernel answers (real kernel, real mpiexec).
+
+Deadlocked collectives, C code that ignores SIGINT, servers that die between
+cells: the interrupt returns within 5 s, a queued status within 1 s, stuck
+servers are named and replaced, dead ones are replaced before the next cell,
+and no ipyparallel error text reaches the user.
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+import time
+
+import pytest
+from kernels import cluster_processes, execute, kernel_env, kernel_pid, running_kernel
+
+# C code that ignores SIGINT, through ctypes: SIGINT blocked in the calling
+# thread, then a long libc call (Python's handler never gets to run).
+BUSY_C = (
+    "import ctypes, signal\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+    "ctypes.CDLL(None).sleep(600)"
+)
+IPP_WORDS = ("NoEnginesRegistered", "wait_for_engines", "EngineError", "ipyparallel")
+
+
+@pytest.fixture(scope="module")
+def kc():
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3")) as (km, kc):
+        kc.km = km
+        yield kc
+
+
+def _pids(kc) -> list[int]:
+    reply = execute(kc, "%%casa_parallel\nimport os\nos.getpid()")
+    assert reply.status == "ok", reply.error
+    return ast.literal_eval(reply.result)
+
+
+def _no_ipyparallel_words(*texts: str | None) -> None:
+    for text in texts:
+        for word in IPP_WORDS:
+            assert word not in (text or ""), text
+
+
+def _replies(kc, msg_ids: list[str], timeout: float) -> dict[str, tuple[float, dict]]:
+    """Shell replies of several queued requests: msg_id -> (arrival time, content)."""
+    got: dict[str, tuple[float, dict]] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < len(msg_ids):
+        msg = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        parent = msg["parent_header"].get("msg_id")
+        if parent in msg_ids:
+            got[parent] = (time.monotonic(), msg["content"])
+    return got
+
+
+def _drain_iopub(kc) -> str:
+    """Everything printed since the last read (stderr and stdout, any cell)."""
+    text = ""
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=0.5)
+        except Exception:
+            return text
+        if msg["msg_type"] == "stream":
+            text += msg["content"]["text"]
+        elif msg["msg_type"] == "execute_result":
+            text += msg["content"]["data"].get("text/plain", "")
+        elif msg["msg_type"] == "error":
+            text += msg["content"]["evalue"]
+
+
+def test_deadlocked_barrier_interrupt_then_queued_cells_never_hang(kc):
+    before = _pids(kc)
+    # rank 0 waits in a Barrier rank 1 never enters: a deadlock SIGINT cannot break
+    threading.Timer(1.5, kc.km.interrupt_kernel).start()
+    started = time.monotonic()
+    reply = execute(kc, "%%casa_parallel\nif rank == 0:\n    comm.Barrier()\nrank")
+    assert time.monotonic() - started < 1.5 + 5
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt"
+    assert "rank 0@" in reply.stderr and "did not stop" in reply.stderr
+
+    # status answers at once and shows the stuck server
+    started = time.monotonic()
+    status = execute(kc, "%casa_cluster status")
+    assert time.monotonic() - started < 1
+    assert "stuck" in status.result, status.result
+
+    # a queued cell waits for the stuck server, saying so; a status queued
+    # behind it answers within 1 s of interrupting that cell
+    # (stop_on_error=False: else Jupyter aborts what is queued behind an error)
+    cell = kc.execute("%%casa_parallel\nrank", stop_on_error=False)
+    queued_status = kc.execute("%casa_cluster status")
+    time.sleep(1.5)
+    interrupted_at = time.monotonic()
+    kc.km.interrupt_kernel()
+    replies = _replies(kc, [cell, queued_status], timeout=30)
+    assert replies[cell][1]["status"] == "error"
+    assert replies[cell][1]["ename"] == "KeyboardInterrupt"
+    assert replies[queued_status][1]["status"] == "ok"
+    assert replies[queued_status][0] - interrupted_at < 1 + 0.5  # shell reply lag
+    printed = _drain_iopub(kc)
+    assert "still running an interrupted cell" in printed
+    assert "killed; new servers are starting" in printed
+
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+    assert "rank 0@" in again.stderr and "new servers started" in again.stderr
+    assert before[0] not in _pids(kc)
+
+
+def test_c_busy_loop_ignoring_sigint_with_timeout_is_replaced(kc):
+    started = time.monotonic()
+    reply = execute(kc, f"%%casa_parallel --timeout 2\n{BUSY_C}")
+    assert time.monotonic() - started < 2 + 5
+    assert reply.ename == "TaskTimeout"
+    assert "rank 0@" in reply.evalue and "rank 1@" in reply.evalue
+    assert "killed and new ones are starting" in reply.evalue
+    _no_ipyparallel_words(reply.evalue, reply.stderr)
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+
+
+def test_second_interrupt_replaces_at_once(kc):
+    # the first interrupt reaches a loop that ignores it; the second, during
+    # the grace period, replaces the servers without waiting it out
+    threading.Timer(1.0, kc.km.interrupt_kernel).start()
+    threading.Timer(2.0, kc.km.interrupt_kernel).start()
+    started = time.monotonic()
+    reply = execute(kc, f"%%casa_parallel\n{BUSY_C}")
+    assert time.monotonic() - started < 1.0 + 5
+    assert reply.ename == "KeyboardInterrupt"
+    assert "replaced by new servers (interrupted twice)" in reply.stderr
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+
+
+def test_server_dying_between_cells_is_replaced_before_the_next(kc):
+    before = _pids(kc)
+    reply = execute(
+        kc,
+        "%%casa_parallel\nimport os, threading\n"
+        "if rank == 1:\n    threading.Timer(0.3, os._exit, (1,)).start()\nrank",
+    )
+    assert reply.status == "ok"
+    time.sleep(2)  # the server is gone, mpiexec ended the world
+    status = execute(kc, "%casa_cluster status")
+    assert status.status == "ok"
+    assert "(running)" not in status.result or "dead" not in status.result, status.result
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+    assert "server rank 1 on" in again.stderr and "exited with code 1" in again.stderr
+    assert "new servers started" in again.stderr
+    _no_ipyparallel_words(again.stderr, status.result)
+    assert not set(before) & set(_pids(kc))
+    status = execute(kc, "%casa_cluster status")
+    assert "(running)" in status.result and status.result.count("idle") == 2
+
+
+def test_cell_that_kills_its_server_every_time_is_named_not_ipyparallel(kc):
+    reply = execute(kc, "%%casa_parallel\nimport os\nif rank == 1:\n    os._exit(3)\nrank")
+    assert reply.status == "error" and reply.ename == "RemoteError"
+    assert "ServerDied" in reply.evalue and "exited with code 3" in reply.evalue
+    assert "server rank 1 on" in reply.evalue
+    _no_ipyparallel_words(reply.evalue, reply.stderr)
+    again = execute(kc, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+
+
+def test_start_timeout_stops_the_start_it_gave_up_on():
+    env = kernel_env(CASA_KERNEL_NPROCS="3", CASA_KERNEL_START_TIMEOUT="1")
+    with running_kernel(env) as (km, kc):
+        reply = execute(kc, "%%casa_parallel\nrank")
+        assert reply.status == "error"
+        assert "not ready after 1 s" in reply.error and "the start was stopped" in reply.error
+        deadline = time.monotonic() + 10
+        while cluster_processes(kernel_pid(km)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster_processes(kernel_pid(km)) == []
+        time.sleep(3)  # nothing comes up later, unasked
+        assert cluster_processes(kernel_pid(km)) == []
+        status = execute(kc, "%casa_cluster status")
+        assert status.status == "error" and "the start was stopped" in status.error
