@@ -34,6 +34,7 @@ ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
 
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What to start: placement of client + servers, and which mpiexec."""

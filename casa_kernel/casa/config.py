@@ -40,6 +40,7 @@ from importlib import resources
 SITECONFIG_VAR = "CASASITECONFIG"
 LOG_DIR_VAR = "CASA_KERNEL_LOG_DIR"
 
+
 def packaged_siteconfig() -> str:
     """Absolute path of the casaconfig site config shipped in ``casa_kernel/resources``."""
     path = os.path.abspath(str(resources.files("casa_kernel") / "resources" / "casasiteconfig.py"))
