@@ -19,20 +19,25 @@ functions, tested by tables.
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from casa_kernel import engine
 from casa_kernel.display import StreamPrinter, server_label
-from casa_kernel.errors import ClusterError, RemoteError, ServerFailure, TaskTimeout, server_failure
+from casa_kernel.errors import ClusterError, RemoteError, server_failure
+from casa_kernel.interrupts import Interrupts, say
+from casa_kernel.jobs import (
+    Handle,
+    Job,
+    Outcome,
+    SubMSResults,
+    classify,
+    failure_from,
+    is_lost,
+    shared_apply,
+)
 from casa_kernel.lifecycle import CasaCluster
 
-# How long the servers get to stop after an interrupt before we call them stuck
-# (an interrupted cell returns within this + a little: the issue asks for 5 s).
-INTERRUPT_GRACE = 3.0
 # Upper bound on the time between two relays of servers' output.
 OUTPUT_INTERVAL = 0.05
 # How long a finished task's last output may lag behind its result.
@@ -41,161 +46,13 @@ OUTPUT_GRACE = 5.0
 MAX_RECOVERIES = 2
 
 
-@dataclass
-class Job:
-    """One unit of work: where its result goes (label) and how to run it."""
-
-    label: str  # sub-MS path, or "rank R"
-    func: Any
-    args: tuple[Any, ...]
-    target: int | None = None  # server rank for SPMD; None = load-balanced
-
-
-@dataclass
-class Outcome:
-    job: Job
-    rank: int | None = None
-    host: str | None = None
-    value: Any = None
-    failure: ServerFailure | None = None
-
-
-@dataclass
-class SubMSResults:
-    """Per-sub-MS values, the merged value, and which sub-MSs failed."""
-
-    vis: str
-    per_submms: dict[str, Any] = field(default_factory=dict)
-    merged: Any = None
-    failures: list[ServerFailure] = field(default_factory=list)
-
-
-@dataclass
-class Handle:
-    """One job's share of an AsyncResult (an SPMD apply covers every server)."""
-
-    ar: Any
-    index: int = 0
-    multi: bool = False
-    engine: int | None = None  # known for a direct job; load-balanced: from metadata
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        md = self.ar.metadata
-        return md[self.index] if self.multi else md
-
-    @property
-    def msg_id(self) -> str:
-        return self.ar.msg_ids[self.index]
-
-    def engine_id(self) -> int | None:
-        eid = self.metadata.get("engine_id")
-        return self.engine if eid is None else eid
-
-    def done(self, client: Any) -> bool:
-        return self.msg_id not in client.outstanding
-
-    def value(self) -> Any:
-        """The job's value; its exception is raised."""
-        if not self.multi:
-            return self.ar.get(0)
-        value = self.ar.get(0, return_exceptions=True)[self.index]
-        if isinstance(value, BaseException):
-            raise value
-        return value
-
-    def kind(self) -> str | None:
-        """None while running, else classify() of how it ended."""
-        if not self.ar.ready():
-            return None
-        try:
-            self.value()
-        except Exception as exc:
-            return classify(exc)
-        return "ok"
-
-
-# -- pure parts --------------------------------------------------------------
-
-
-def classify(exc: BaseException) -> str:
-    """How a job ended, by the remote exception's type: died | aborted | failed.
-
-    ipyparallel reports a server that died under a running task as an
-    ``EngineError`` (wrapped in a RemoteError carrying its type name).
-    """
-    ename = getattr(exc, "ename", None) or type(exc).__name__
-    if ename == "EngineError":
-        return "died"
-    if ename == "TaskAborted":
-        return "aborted"
-    return "failed"
-
-
-def is_lost(kind: str | None, engine: int | None, world: set[int]) -> bool:
-    """A job to run again after its MPI world ended: it died with its server, or
-    was running in that world. Jobs queued in the load-balancer (no engine yet)
-    are not lost: they go to the new servers by themselves."""
-    if kind is not None:
-        return kind == "died"
-    return engine is not None and engine in world
-
-
-def shared_apply(jobs: list[Job]) -> list[int]:
-    """Indexes of direct jobs that can go out as ONE DirectView apply (an SPMD
-    cell: same function, same argument tuple); [] when they cannot."""
-    direct = [i for i, job in enumerate(jobs) if job.target is not None]
-    if len(direct) < 2:
-        return []
-    first = jobs[direct[0]]
-    if all(jobs[i].func is first.func and jobs[i].args is first.args for i in direct):
-        return direct
-    return []
-
-
-def trim_traceback(tb: str) -> str:
-    """Only the user's part of a server traceback: from the first line of their
-    cell on, without ipyparallel's and casa-kernel's frames above it.
-
-    A traceback that never reached a cell (e.g. from a CASA task) loses only
-    the frames of ipyparallel and casa-kernel's engine module.
-    """
-    lines = tb.splitlines()
-    for i, line in enumerate(lines):
-        if "<casa_parallel cell" in line:
-            return "\n".join(["Traceback (most recent call last):", *lines[i:]])
-    kept: list[str] = []
-    skipping = False
-    for line in lines:
-        if line.lstrip().startswith("File "):
-            skipping = "ipyparallel" in line or "casa_kernel/engine.py" in line
-        elif not line.startswith(" "):
-            skipping = False
-        if not skipping:
-            kept.append(line)
-    return "\n".join(kept)
-
-
-def failure_from(exc: BaseException) -> ServerFailure:
-    """A ServerFailure of the remote type (rank/host filled by the caller)."""
-    ename = getattr(exc, "ename", None) or type(exc).__name__
-    evalue = getattr(exc, "evalue", None)
-    evalue = str(exc) if evalue is None else evalue
-    tb = getattr(exc, "traceback", "") or ""
-    if isinstance(tb, list):
-        tb = "\n".join(tb)
-    return server_failure(None, None, ename, evalue, trim_traceback(tb))
-
-
-# -- the dispatcher ----------------------------------------------------------
-
-
 class Dispatcher:
     def __init__(self, cluster: CasaCluster, printer: StreamPrinter | None = None):
         self.cluster = cluster
         self.printer = printer or StreamPrinter()
         self._seen: dict[tuple[str, str], int] = {}  # (msg_id, stream) -> chars relayed
         self._known: dict[int, Any] = {}  # every server seen, so dead ones keep a name
+        self.interrupts = Interrupts(cluster, self._names)
 
     def spmd(self, code: str, timeout: float | None = None) -> list[Any]:
         """Run ``code`` on every server; return values in rank order."""
@@ -274,7 +131,7 @@ class Dispatcher:
         Jobs with a target that share one function and arguments (an SPMD cell)
         go out as ONE DirectView apply: serialized once, one AsyncResult.
         """
-        self._wait_stuck(deadline)
+        self.interrupts.wait_stuck(deadline)
         client = self._ready()
         handles: list[Handle | None] = [None] * len(jobs)
         together = shared_apply(jobs)
@@ -323,9 +180,9 @@ class Dispatcher:
                     return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]
                 if pending and deadline is not None and time.monotonic() > deadline:
-                    self._timed_out(handles, pending, timeout)
+                    self.interrupts.timed_out(handles, pending, timeout)
         except KeyboardInterrupt:
-            self._interrupted(handles, pending)
+            self.interrupts.interrupted(handles, pending)
             raise
 
     def _world_lost(self, handles: list[Handle]) -> bool:
@@ -334,90 +191,6 @@ class Dispatcher:
             return True
         client = self.cluster.client
         return client is not None and len(client.ids) < self.cluster.config.nservers
-
-    def _timed_out(self, handles: list[Handle], pending: list[Any], timeout: float | None) -> None:
-        busy = self._busy(handles)
-        stuck = self._stop_running(handles, pending)
-        names = self._names(busy) or "unknown servers"
-        message = f"{len(pending)} task(s) still running after {timeout:g} s on {names}; "
-        if stuck:
-            self.cluster.replace(f"{self._names(stuck)} did not stop after the timeout")
-            message += (
-                f"interrupted, but {self._names(stuck)} did not stop within "
-                f"{INTERRUPT_GRACE:g} s: the servers were killed and new ones are starting "
-                "(%casa_cluster status)"
-            )
-        else:
-            message += "they were interrupted"
-        raise TaskTimeout(message)
-
-    def _interrupted(self, handles: list[Handle], pending: list[Any]) -> None:
-        try:
-            stuck = self._stop_running(handles, pending)
-        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for them
-            stuck = self._busy(handles)
-            self.cluster.replace(f"{self._names(stuck)} interrupted twice")
-            say(f"{self._names(stuck)} replaced by new servers (interrupted twice)")
-            return
-        if stuck:
-            self.cluster.mark_stuck(stuck, pending)
-            say(
-                f"{self._names(stuck)} did not stop within {INTERRUPT_GRACE:g} s of the "
-                "interrupt (a blocking MPI call, or C code that ignores Ctrl-C); the next "
-                "cell waits for it: interrupt that cell to replace the stuck servers "
-                "(or %casa_cluster restart)"
-            )
-
-    def _stop_running(self, handles: list[Handle], pending: list[Any]) -> set[int]:
-        """Abort queued work, interrupt the servers running ours; those that did
-        not stop within INTERRUPT_GRACE."""
-        client = self.cluster.client
-        busy = self._busy(handles)
-        try:
-            client.abort(jobs=pending, block=False)
-        except Exception:
-            pass
-        if busy:
-            try:
-                client.send_signal(signal.SIGINT, targets=sorted(busy), block=False)
-            except Exception:
-                pass
-        deadline = time.monotonic() + INTERRUPT_GRACE
-        for ar in pending:
-            ar.wait(max(0.0, deadline - time.monotonic()))
-        return self._busy(handles) if any(not ar.ready() for ar in pending) else set()
-
-    def _wait_stuck(self, deadline: float | None) -> None:
-        """Servers still running an interrupted cell: wait for them, or replace
-        them when this cell is interrupted or times out."""
-        stuck = {e for e, ars in self.cluster.stuck.items() if any(not a.ready() for a in ars)}
-        if not stuck:
-            self.cluster.stuck.clear()
-            return
-        names = self._names(stuck)
-        say(f"{names} still running an interrupted cell; waiting (interrupt to replace)")
-        try:
-            for ar in {id(a): a for e in stuck for a in self.cluster.stuck.get(e, [])}.values():
-                while not ar.wait(OUTPUT_INTERVAL):
-                    if deadline is not None and time.monotonic() > deadline:
-                        self.cluster.replace(f"{names} stuck in an interrupted cell")
-                        raise TaskTimeout(
-                            f"{names} still stuck in an interrupted cell at the timeout: "
-                            "the servers were killed and new ones are starting"
-                        )
-        except KeyboardInterrupt:
-            self.cluster.replace(f"{names} stuck in an interrupted cell")
-            say(f"{names} killed; new servers are starting (%casa_cluster status)")
-            raise
-        self.cluster.stuck.clear()
-
-    def _busy(self, handles: list[Handle]) -> set[int]:
-        """Engines running (or holding) the unfinished jobs."""
-        client = self.cluster.client
-        busy = {h.engine_id() for h in handles if not h.done(client)}
-        if None in busy:  # load-balanced and not started: every engine may hold one
-            busy = set(client.ids)
-        return {e for e in busy if e is not None}
 
     def _names(self, eids: set[int]) -> str:
         return ", ".join(self._label(e) for e in sorted(eids))
@@ -481,6 +254,4 @@ def _unique(handles: list[Handle]) -> list[Any]:
     return list(seen.values())
 
 
-def say(message: str) -> None:
-    """A casa-kernel message in the cell (stderr: it is about a problem)."""
-    print(f"casa-kernel: {message}", file=sys.stderr, flush=True)
+__all__ = ["Dispatcher", "Job", "Outcome", "SubMSResults"]

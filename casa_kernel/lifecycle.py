@@ -27,7 +27,7 @@ from typing import Any
 from casa_kernel import servers
 from casa_kernel.cluster import ENV_OWNER, ClusterConfig
 from casa_kernel.errors import ClusterError
-from casa_kernel.janitor import Janitor, kill_now
+from casa_kernel.janitor import Janitor
 
 log = logging.getLogger("casa_kernel.cluster")
 
@@ -51,6 +51,25 @@ class State(Enum):
 ServerInfo = servers.ServerInfo
 
 
+class PrivateLoop:
+    """An asyncio loop in a daemon thread: ipyparallel's coroutines run there,
+    so the kernel's own loop is never blocked."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="casa-kernel-cluster", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
 class CasaCluster:
     """Start, watch, replace and stop one controller + one mpiexec engine set."""
 
@@ -71,11 +90,8 @@ class CasaCluster:
         self._engines = servers.EngineSet(self)
         self._task: asyncio.Task | None = None  # the running start or replacement
         self._views: dict[tuple[int, ...], Any] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="casa-kernel-cluster", daemon=True
-        )
-        self._thread.start()
+        self._loop = PrivateLoop()
+        self._run = self._loop.run
 
     # -- state: changed here only ------------------------------------------
 
@@ -98,9 +114,6 @@ class CasaCluster:
         if old is not new:
             log.info("cluster %s -> %s (%s)", old.value, new.value, self.note)
 
-    def _run(self, coro: Any) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
     # -- the kernel thread's API -------------------------------------------
 
     def start(self) -> concurrent.futures.Future:
@@ -119,9 +132,10 @@ class CasaCluster:
 
         Servers found missing (dead, or dropped by the heartbeat) are replaced
         first. ``progress`` is called with a short message whenever the note
-        changes. A start that misses the deadline is stopped, not left going.
+        changes.
         """
-        timeout = self.config.start_timeout if timeout is None else timeout
+        if timeout is None:  # a start or replacement ends itself at start_timeout
+            timeout = self.config.start_timeout + 5
         deadline = time.monotonic() + timeout
         last = None
         while True:
@@ -140,15 +154,8 @@ class CasaCluster:
                 last = self.note
                 progress(last)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                output = self._engines.output()
-                note = self.note
-                if state is State.STARTING:
-                    self.stop()  # nothing may come up later, unasked
-                raise ClusterError(
-                    f"servers not ready after {timeout:.0f} s ({note}); the start was stopped"
-                    + (f"\nmpiexec said:\n{output}" if output else "")
-                )
+            if remaining <= 0:  # (a start past ITS deadline stops itself: _begin)
+                raise ClusterError(f"servers not ready after {timeout:g} s ({self.note})")
             try:
                 self._ready.result(timeout=min(remaining, 0.2))
             except concurrent.futures.TimeoutError:
@@ -170,17 +177,15 @@ class CasaCluster:
         self._engines.wait_stopped(DEATH_REPORT_WAIT)
         self.replace(self._engines.cause())
         self.wait_ready(timeout)
-        self.take_notices()  # the caller says it, with what it re-ran
+        self.take_notices()  # the caller tells the cause, with what it re-ran
         return self._engines.last_cause
 
-    def death_cause(self) -> str:
-        """Why the last servers were replaced ('' if they never were)."""
+    def death_cause(self) -> str:  # why the last servers were replaced ('' if never)
         return self._engines.last_cause
 
     def take_notices(self) -> list[str]:
         with self._lock:
-            told, self.notices = self.notices, []
-        return told
+            return [self.notices.pop(0) for _ in list(self.notices)]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop engines, mpiexec and controller; make sure none of them remains."""
@@ -199,22 +204,13 @@ class CasaCluster:
     def close(self) -> None:
         """Stop the cluster and the private event loop (kernel shutdown)."""
         self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._loop.close()
         self.janitor.remove_late_files()
         servers.close_log(self)
-
-    def restart(self) -> concurrent.futures.Future:
-        self.stop()
-        return self.start()
 
     def status(self) -> list[servers.ServerInfo]:
         """Each server's rank, host, pid and state; never waits on the servers."""
         return servers.status_rows(self)
-
-    def mpiexec_output(self) -> str:
-        """What mpiexec printed (its own error text when it failed)."""
-        return self._engines.output()
 
     def mark_stuck(self, eids: set[int], results: list[Any]) -> None:
         """Servers that did not stop after an interrupt: the next cell waits for
@@ -243,11 +239,7 @@ class CasaCluster:
             pass
         except Exception as exc:
             if isinstance(exc, asyncio.TimeoutError):
-                output = self._engines.output()
-                exc = ClusterError(
-                    f"servers not ready after {timeout:g} s ({self.note}); the start was stopped"
-                    + (f"\nmpiexec said:\n{output}" if output else "")
-                )
+                exc = servers.start_timed_out(self, timeout)
             if self._state in (State.STARTING, State.REPLACING):
                 self.error = exc
                 self._set_state(State.FAILED, f"failed: {exc}")
@@ -274,22 +266,7 @@ class CasaCluster:
             # let a start or replacement unwind first, so it launches nothing after
             task.cancel()
             await asyncio.wait([task])
-        cluster, client = self._ipp, self.client
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
-        if cluster is None:
-            return
-        for launcher in [cluster.controller, *cluster.engines.values()]:
-            if launcher is not None:
-                self.janitor.track(launcher)
-        kill_now(info.pid for info in self.servers.values() if self.config.placement.is_local)
-        try:
-            await asyncio.wait_for(cluster.stop_cluster(), timeout=20)
-        finally:
-            cluster.shutdown_atexit = False
+        await servers.stop_all(self)
 
     def _on_engines_stopped(self, es_id: str, stop_data: Any) -> None:
         """ipyparallel's stop event of an engine set (runs on the private loop)."""

@@ -170,6 +170,35 @@ class EngineSet:
             return launcher.final_output.strip()
 
 
+async def stop_all(cluster: CasaCluster) -> None:
+    """Close the client, kill the servers, stop engine sets and controller."""
+    ipp_cluster, client = cluster._ipp, cluster.client
+    if client is not None:
+        try:
+            client.close()
+        except Exception:
+            pass
+    if ipp_cluster is None:
+        return
+    for launcher in [ipp_cluster.controller, *ipp_cluster.engines.values()]:
+        if launcher is not None:
+            cluster.janitor.track(launcher)
+    if cluster.config.placement.is_local:
+        kill_now(info.pid for info in cluster.servers.values())
+    try:
+        await asyncio.wait_for(ipp_cluster.stop_cluster(), timeout=20)
+    finally:
+        ipp_cluster.shutdown_atexit = False
+
+
+def start_timed_out(cluster: CasaCluster, timeout: float) -> ClusterError:
+    output = cluster._engines.output()
+    return ClusterError(
+        f"servers not ready after {timeout:g} s ({cluster.note}); the start was stopped"
+        + (f"\nmpiexec said:\n{output}" if output else "")
+    )
+
+
 def missing(cluster: CasaCluster) -> str:
     """'server rank 1 on vm' for servers the controller no longer lists ('' if none)."""
     client = cluster.client

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from ipyparallel import error as ipp_error
 
-from casa_kernel.dispatch import (
+from casa_kernel.errors import CasaKernelError, RemoteError, ServerFailure, server_failure
+from casa_kernel.jobs import (
     Job,
     classify,
     failure_from,
@@ -13,7 +14,6 @@ from casa_kernel.dispatch import (
     shared_apply,
     trim_traceback,
 )
-from casa_kernel.errors import CasaKernelError, RemoteError, ServerFailure, server_failure
 
 CELL_TB = """\
 ---------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Dispatch's pure parts: jobs, handles on their results, and the rules for them.
+
+How a job ended (by the remote exception's type), which jobs to run again after
+a server death, which jobs go out as one apply, and what of a server traceback
+the user sees -- all without a cluster, so tests check them by tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from casa_kernel.errors import ServerFailure, server_failure
+
+
+@dataclass
+class Job:
+    """One unit of work: where its result goes (label) and how to run it."""
+
+    label: str  # sub-MS path, or "rank R"
+    func: Any
+    args: tuple[Any, ...]
+    target: int | None = None  # server rank for SPMD; None = load-balanced
+
+
+@dataclass
+class Outcome:
+    job: Job
+    rank: int | None = None
+    host: str | None = None
+    value: Any = None
+    failure: ServerFailure | None = None
+
+
+@dataclass
+class SubMSResults:
+    """Per-sub-MS values, the merged value, and which sub-MSs failed."""
+
+    vis: str
+    per_submms: dict[str, Any] = field(default_factory=dict)
+    merged: Any = None
+    failures: list[ServerFailure] = field(default_factory=list)
+
+
+@dataclass
+class Handle:
+    """One job's share of an AsyncResult (an SPMD apply covers every server)."""
+
+    ar: Any
+    index: int = 0
+    multi: bool = False
+    engine: int | None = None  # known for a direct job; load-balanced: from metadata
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        md = self.ar.metadata
+        return md[self.index] if self.multi else md
+
+    @property
+    def msg_id(self) -> str:
+        return self.ar.msg_ids[self.index]
+
+    def engine_id(self) -> int | None:
+        eid = self.metadata.get("engine_id")
+        return self.engine if eid is None else eid
+
+    def done(self, client: Any) -> bool:
+        return self.msg_id not in client.outstanding
+
+    def value(self) -> Any:
+        """The job's value; its exception is raised."""
+        if not self.multi:
+            return self.ar.get(0)
+        value = self.ar.get(0, return_exceptions=True)[self.index]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def kind(self) -> str | None:
+        """None while running, else classify() of how it ended."""
+        if not self.ar.ready():
+            return None
+        try:
+            self.value()
+        except Exception as exc:
+            return classify(exc)
+        return "ok"
+
+
+def classify(exc: BaseException) -> str:
+    """How a job ended, by the remote exception's type: died | aborted | failed.
+
+    ipyparallel reports a server that died under a running task as an
+    ``EngineError`` (wrapped in a RemoteError carrying its type name).
+    """
+    ename = getattr(exc, "ename", None) or type(exc).__name__
+    if ename == "EngineError":
+        return "died"
+    if ename == "TaskAborted":
+        return "aborted"
+    return "failed"
+
+
+def is_lost(kind: str | None, engine: int | None, world: set[int]) -> bool:
+    """A job to run again after its MPI world ended: it died with its server, or
+    was running in that world. Jobs queued in the load-balancer (no engine yet)
+    are not lost: they go to the new servers by themselves."""
+    if kind is not None:
+        return kind == "died"
+    return engine is not None and engine in world
+
+
+def shared_apply(jobs: list[Job]) -> list[int]:
+    """Indexes of direct jobs that can go out as ONE DirectView apply (an SPMD
+    cell: same function, same argument tuple); [] when they cannot."""
+    direct = [i for i, job in enumerate(jobs) if job.target is not None]
+    if len(direct) < 2:
+        return []
+    first = jobs[direct[0]]
+    if all(jobs[i].func is first.func and jobs[i].args is first.args for i in direct):
+        return direct
+    return []
+
+
+def trim_traceback(tb: str) -> str:
+    """Only the user's part of a server traceback: from the first line of their
+    cell on, without ipyparallel's and casa-kernel's frames above it.
+
+    A traceback that never reached a cell (e.g. from a CASA task) loses only
+    the frames of ipyparallel and casa-kernel's engine module.
+    """
+    lines = tb.splitlines()
+    for i, line in enumerate(lines):
+        if "<casa_parallel cell" in line:
+            return "\n".join(["Traceback (most recent call last):", *lines[i:]])
+    kept: list[str] = []
+    skipping = False
+    for line in lines:
+        if line.lstrip().startswith("File "):
+            skipping = "ipyparallel" in line or "casa_kernel/engine.py" in line
+        elif not line.startswith(" "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def failure_from(exc: BaseException) -> ServerFailure:
+    """A ServerFailure of the remote type (rank/host filled by the caller)."""
+    ename = getattr(exc, "ename", None) or type(exc).__name__
+    evalue = getattr(exc, "evalue", None)
+    evalue = str(exc) if evalue is None else evalue
+    tb = getattr(exc, "traceback", "") or ""
+    if isinstance(tb, list):
+        tb = "\n".join(tb)
+    return server_failure(None, None, ename, evalue, trim_traceback(tb))
