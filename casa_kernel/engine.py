@@ -139,4 +139,7 @@ def _relay_casa_log() -> None:
     # of the log file on every dispatch of a CASA-free cell)
     if tail is not None and "casatools" in sys.modules:
         for line in tail.read_new():
-            print(line, file=sys.stderr)
+            # CASA's own report of a task's exception: the exception itself
+            # reaches the notebook (or is a benign empty selection)
+            if "raised an exception of class" not in line:
+                print(line, file=sys.stderr)

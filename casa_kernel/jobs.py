@@ -126,23 +126,15 @@ def trim_traceback(tb: str) -> str:
     """Only the user's part of a server traceback: from the first line of their
     cell on, without ipyparallel's and casa-kernel's frames above it.
 
-    A traceback that never reached a cell (e.g. from a CASA task) loses only
-    the frames of ipyparallel and casa-kernel's engine module.
+    A traceback that never reached a cell (a CASA task run for a transparent
+    call) has no frame of the user's: it is dropped, the failure's headline
+    (type and message, rank, host, sub-MS) says it all and CASA's log has the rest.
     """
     lines = tb.splitlines()
     for i, line in enumerate(lines):
         if "<casa_parallel cell" in line:
             return "\n".join(["Traceback (most recent call last):", *lines[i:]])
-    kept: list[str] = []
-    skipping = False
-    for line in lines:
-        if line.lstrip().startswith("File "):
-            skipping = "ipyparallel" in line or "casa_kernel/engine.py" in line
-        elif not line.startswith(" "):
-            skipping = False
-        if not skipping:
-            kept.append(line)
-    return "\n".join(kept)
+    return ""
 
 
 def failure_from(exc: BaseException) -> ServerFailure:

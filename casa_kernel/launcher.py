@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ipykernel.iostream import OutStream
 from ipyparallel.cluster.launcher import MPIEngineSetLauncher
 from traitlets import Bool, List, Unicode
 
@@ -36,6 +37,20 @@ FORWARDED_ENV = (
     "CASA_KERNEL_LOG_DIR",
     "IPP_CONNECTION_INFO",
 )
+
+
+# The servers' stdout/stderr: what Python writes goes to the cell. C-level
+# output (fd 1/2) is not captured: CASA echoes every WARN/SEVERE there AND logs
+# it, and the log is relayed (whole lines, known noise dropped, see
+# casa/logs.py), so capturing both printed each message twice, garbled. What C
+# code prints otherwise ends in mpiexec's output, kept in the cluster log file.
+ENGINE_ARGS = ["--IPEngine.out_stream_factory=casa_kernel.launcher.ServerOutStream"]
+
+
+class ServerOutStream(OutStream):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["watchfd"] = False
+        super().__init__(*args, **kwargs)
 
 
 @dataclass(frozen=True)

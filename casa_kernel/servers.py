@@ -20,6 +20,7 @@ from casa_kernel.errors import ClusterError
 from casa_kernel.janitor import kill_now, reap
 from casa_kernel.launcher import (
     CONTROLLER_ARGS,
+    ENGINE_ARGS,
     CasaEngineSetLauncher,
     death_cause,
     mpi_environment,
@@ -289,6 +290,7 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     launcher.extra_mpi_args = list(config.extra_mpi_args)
     launcher.environment = env
     launcher.output_log = ipp_log.casa_kernel_path
+    launcher.engine_args = list(ENGINE_ARGS)
     ipp_cluster.config.LocalControllerLauncher.environment = {
         **env,
         **mpi_environment(placement.is_local, as_root, os.environ),

@@ -43,13 +43,14 @@ RuntimeError: bad mode"""
     [
         (CELL_TB, ["<casa_parallel cell 3>:2", "x / 0", "ZeroDivisionError: division by"], []),
         (CELL_TB, [], ["ipyparallel", "engine.py", "exec(body"]),
-        (TASK_TB, ["casatasks/flagdata.py", 'raise RuntimeError("bad mode")', "RuntimeError"], []),
-        (TASK_TB, [], ["ipyparallel", "engine.py", "task(**parameters)"]),
+        (TASK_TB, [], ["ipyparallel", "engine.py", "flagdata", "RuntimeError"]),
         ("", [], []),
     ],
 )
 def test_trim_traceback_keeps_the_users_part(tb, kept, dropped):
     trimmed = trim_traceback(tb)
+    if "<casa_parallel cell" not in tb:  # no user frame: the headline says it all
+        assert trimmed == ""
     for text in kept:
         assert text in trimmed
     for text in dropped:

@@ -9,6 +9,7 @@ and no ipyparallel error text reaches the user.
 from __future__ import annotations
 
 import ast
+import re
 import threading
 import time
 
@@ -183,3 +184,43 @@ def test_start_timeout_stops_the_start_it_gave_up_on():
         assert cluster_processes(kernel_pid(km)) == []
         status = execute(kc, "%casa_cluster status")
         assert status.status == "error" and "the start was stopped" in status.error
+
+
+# -- quiet, precise errors: one error, once, trimmed to the user's code --------
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_failing_cell_prints_one_trimmed_traceback(kc):
+    reply = execute(kc, "%%casa_parallel\nx = 1\nx / 0")
+    assert reply.ename == "RemoteError"
+    shown = _plain(reply.traceback)
+    assert "[server rank 0 on" in shown and "[server rank 1 on" in shown
+    assert shown.count("Traceback (most recent call last)") == 1
+    assert "x / 0" in shown
+    for internal in ("ipyparallel", "casa_kernel/", "run_cell_magic"):
+        assert internal not in shown, shown
+    syntax = execute(kc, "%%casa_parallel\ndef f(:\n    pass")
+    shown = _plain(syntax.traceback)
+    assert syntax.ename == "RemoteError" and "SyntaxError" in shown
+    assert shown.count("def f(:") == 1, shown
+
+
+def test_failed_transparent_task_is_one_line_without_casa_noise(kc, tmp_path, casa_env):
+    from pathlib import Path
+
+    from kernels import make_mms
+
+    _, mms = make_mms(tmp_path, "q", nant=5, nchan=8, nint=16, nscans=2)
+    sub = sorted(Path(mms, "SUBMSS").iterdir())[1]
+    for path in sub.glob("table.f*_TSM*"):  # its split fails on a server
+        path.unlink()
+    out = tmp_path / "out.mms"
+    reply = execute(kc, f"split(vis={mms!r}, outputvis={str(out)!r}, spw='0')")
+    assert reply.ename == "RemoteError"
+    assert sub.name in reply.evalue and "server rank" in reply.evalue
+    assert "Traceback" not in reply.traceback and "ipyparallel" not in reply.traceback
+    assert "SEVERE" not in reply.stderr, reply.stderr  # CASA's copy of the same error
+    assert not out.exists()

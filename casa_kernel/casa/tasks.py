@@ -102,7 +102,9 @@ class CasaTask:
             ret = task(*args, **kwargs)
         finally:
             _local.failures = None
-        real = [f for f in failures if not any(b in f.traceback for b in _BENIGN_FAILURES)]
+        real = [
+            f for f in failures if not any(b in f.traceback + f.evalue for b in _BENIGN_FAILURES)
+        ]
         if real:
             if outputvis and not existed:
                 _remove_output(str(outputvis))
