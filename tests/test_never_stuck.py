@@ -9,10 +9,13 @@ and no ipyparallel error text reaches the user.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import signal
 import threading
 import time
 
+import psutil
 import pytest
 from kernels import cluster_processes, execute, kernel_env, kernel_pid, running_kernel
 
@@ -158,6 +161,23 @@ def test_server_dying_between_cells_is_replaced_before_the_next(kc):
     assert not set(before) & set(_pids(kc))
     status = execute(kc, "%casa_cluster status")
     assert "(running)" in status.result and status.result.count("idle") == 2
+
+
+def test_stopped_server_between_cells_is_dropped_and_replaced(kc):
+    pids = _pids(kc)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        time.sleep(12)  # the controller drops it after 20 missed 0.5 s heartbeats
+        status = execute(kc, "%casa_cluster status")
+        assert status.status == "ok"
+        assert "(running)" not in status.result, status.result
+        again = execute(kc, "%%casa_parallel\nrank")
+    finally:
+        if psutil.pid_exists(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert again.status == "ok" and again.result == "[0, 1]", again.error
+    assert "server rank 1 on" in again.stderr and "stopped answering" in again.stderr
+    assert not set(pids) & set(_pids(kc))
 
 
 def test_cell_that_kills_its_server_every_time_is_named_not_ipyparallel(kc):
