@@ -224,23 +224,18 @@ def status_rows(cluster: CasaCluster) -> list[ServerInfo]:
         return [ServerInfo(i.rank, i.host, i.pid, state.value) for _, i in infos]
     alive = set(client.ids)
     stuck = {eid for eid, ars in cluster.stuck.items() if any(not ar.ready() for ar in ars)}
-    queues: dict[Any, Any] = {}
-    # The kernel is the cluster's only client: with nothing of ours outstanding
-    # every live server is idle (the hub's counts lag behind replies received).
-    if alive and client.outstanding:
-        try:
-            queues = client.queue_status(targets=sorted(alive))
-        except Exception:
-            queues = {}
+    # The kernel is the cluster's only client: a server is busy while a task of
+    # ours on it is outstanding. Asked of the client, not the controller, so
+    # status answers even when the controller does not.
+    busy = {client.metadata[msg_id].get("engine_id") for msg_id in client.outstanding}
     rows = []
     for eid, info in infos:
-        q = queues.get(eid, {})
         if eid not in alive:
             row = "dead"
         elif eid in stuck:
             row = "stuck"
         else:
-            row = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
+            row = "busy" if eid in busy else "idle"
         rows.append(ServerInfo(info.rank, info.host, info.pid, row))
     gone = missing(cluster)
     if gone:  # never "running" with dead servers: replace them now
