@@ -226,7 +226,7 @@ class Dispatcher:
         except Exception as exc:
             outcome.failure = failure_from(exc)
             if classify(exc) == "died":  # never ipyparallel's words: ours, with the cause
-                cause = self.cluster.death_cause() or "its server died"
+                cause = self.cluster.last_cause or "its server died"
                 outcome.failure = server_failure(
                     None,
                     None,

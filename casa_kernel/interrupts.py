@@ -58,7 +58,8 @@ class Interrupts:
             say(f"{self.names(stuck)} replaced by new servers (interrupted twice)")
             return
         if stuck:
-            self.cluster.mark_stuck(stuck, pending)
+            for eid in stuck:  # the next cell waits for them; status shows them
+                self.cluster.stuck.setdefault(eid, []).extend(pending)
             say(
                 f"{self.names(stuck)} did not stop within {INTERRUPT_GRACE:g} s of the "
                 "interrupt (a blocking MPI call, or C code that ignores Ctrl-C); the next "

@@ -4,9 +4,11 @@ The kernel is the client (mpicasa's rank 0); the servers are ipyparallel engines
 started by :class:`~casa_kernel.launcher.CasaEngineSetLauncher`, so they form
 one MPI world and engine id == MPI rank (until servers are replaced).
 
-Async first: the work runs as coroutines on one private event loop in a daemon
-thread, so the kernel's own loop is never blocked; the kernel's thread calls
-the ``_sync``-style methods, which schedule and wait with a deadline. The state
+Async first: the work is done by coroutines (``start_async``, ``replace_async``,
+``stop_async``) on one private event loop in a daemon thread, so the kernel's
+own loop is never blocked; the kernel's thread calls their twins (``start``,
+which returns at once, ``wait_ready``, ``replace``, ``stop``), which schedule
+them and wait with a deadline. The state
 is a :class:`State` changed in one place, under a lock. When the engine set
 stops on its own (a server died, between cells or during one), ipyparallel's
 stop event starts a replacement at once, on the same controller.
@@ -84,6 +86,7 @@ class CasaCluster:
         self.client: Any = None
         self.servers: dict[int, servers.ServerInfo] = {}  # engine id -> server
         self.notices: list[str] = []  # what happened between cells, told by the next one
+        self.last_cause = ""  # why the servers were last replaced
         self.stuck: dict[int, list[Any]] = {}  # engine id -> results it did not stop
         self.janitor = Janitor()
         self._ipp: Any = None
@@ -122,7 +125,7 @@ class CasaCluster:
             return self._ready
         self.error = None
         self._set_state(State.STARTING, "launching controller")
-        self._run(self._begin(self._start()))
+        self._run(self.start_async())
         return self._ready
 
     def wait_ready(
@@ -154,7 +157,7 @@ class CasaCluster:
                 last = self.note
                 progress(last)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:  # (a start past ITS deadline stops itself: _begin)
+            if remaining <= 0:  # (a start past ITS deadline stops itself)
                 raise ClusterError(f"servers not ready after {timeout:g} s ({self.note})")
             try:
                 self._ready.result(timeout=min(remaining, 0.2))
@@ -170,7 +173,7 @@ class CasaCluster:
             if self._state is not State.RUNNING:
                 return
         self._set_state(State.REPLACING, f"replacing the servers: {cause}")
-        self._run(self._begin(self._engines.replace(cause)))
+        self._run(self.replace_async(cause))
 
     def recover(self, timeout: float | None = None) -> str:
         """After a server died during a cell: wait for new servers; say why."""
@@ -178,10 +181,7 @@ class CasaCluster:
         self.replace(self._engines.cause())
         self.wait_ready(timeout)
         self.take_notices()  # the caller tells the cause, with what it re-ran
-        return self._engines.last_cause
-
-    def death_cause(self) -> str:  # why the last servers were replaced ('' if never)
-        return self._engines.last_cause
+        return self.last_cause
 
     def take_notices(self) -> list[str]:
         with self._lock:
@@ -193,7 +193,7 @@ class CasaCluster:
             return
         self._set_state(State.STOPPING, "stopping")
         try:
-            self._run(self._stop()).result(timeout=timeout)
+            self._run(self.stop_async()).result(timeout=timeout)
         except Exception as exc:  # still reap below: leaving processes is worse
             log.warning("clean cluster stop failed (%r); killing its processes", exc)
         finally:
@@ -208,16 +208,8 @@ class CasaCluster:
         self.janitor.remove_late_files()
         servers.close_log(self)
 
-    def status(self) -> list[servers.ServerInfo]:
-        """Each server's rank, host, pid and state; never waits on the servers."""
+    def status(self) -> list[servers.ServerInfo]:  # never waits on the servers
         return servers.status_rows(self)
-
-    def mark_stuck(self, eids: set[int], results: list[Any]) -> None:
-        """Servers that did not stop after an interrupt: the next cell waits for
-        them (and replaces them on an interrupt); status shows them stuck."""
-        with self._lock:
-            for eid in eids:
-                self.stuck.setdefault(eid, []).extend(results)
 
     def view(self, eids: list[int]) -> Any:
         """A DirectView on these engines, reused (building one costs ~0.2 ms)."""
@@ -227,7 +219,15 @@ class CasaCluster:
             view = self._views[key] = self.client[list(key)]
         return view
 
-    # -- coroutines on the private loop -------------------------------------
+    # -- the async core: coroutines on the private loop ----------------------
+
+    async def start_async(self) -> None:
+        """Start controller and servers (as THE task, bounded by start_timeout)."""
+        await self._begin(self._start())
+
+    async def replace_async(self, cause: str) -> None:
+        """Kill the servers, start new ones on the same controller."""
+        await self._begin(self._engines.replace(cause))
 
     async def _begin(self, coro: Any) -> None:
         """Run a start or replacement as THE task (stop cancels it)."""
@@ -243,7 +243,7 @@ class CasaCluster:
             if self._state in (State.STARTING, State.REPLACING):
                 self.error = exc
                 self._set_state(State.FAILED, f"failed: {exc}")
-                await self._stop()  # nothing half-started may linger
+                await self.stop_async()  # nothing half-started may linger
                 self.janitor.clean()
         finally:
             self._task = None
@@ -260,7 +260,8 @@ class CasaCluster:
         self.client = await self._engines.start()
         self._set_state(State.RUNNING, "running")
 
-    async def _stop(self) -> None:
+    async def stop_async(self) -> None:
+        """Stop a start or replacement under way, then everything."""
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
             # let a start or replacement unwind first, so it launches nothing after

@@ -54,7 +54,6 @@ class EngineSet:
         self.cluster = cluster
         self.id: str | None = None
         self.launcher: Any = None
-        self.last_cause = ""
         self._stop_data: Any = None
         self._stopped = threading.Event()
         self._ours = False  # stopped by us (a replacement), not by a death
@@ -112,7 +111,7 @@ class EngineSet:
         """Kill this engine set, wait until the controller forgot it, start anew."""
         c = self.cluster
         started = time.monotonic()
-        self.last_cause = cause
+        c.last_cause = cause
         old_pids = {info.pid for info in c.servers.values()}
         if c.config.placement.is_local:
             kill_now(old_pids)  # stuck or stopped servers honour nothing else
