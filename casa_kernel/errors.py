@@ -35,10 +35,6 @@ class ClusterError(CasaKernelError, RuntimeError):
     """The cluster could not start, died, or is not running."""
 
 
-class ServersLost(ClusterError):
-    """Servers died or stopped answering; says which ranks and what was done."""
-
-
 class TaskTimeout(CasaKernelError, TimeoutError):
     """Work did not finish within the task timeout; names the servers still busy."""
 
