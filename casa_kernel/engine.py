@@ -115,16 +115,23 @@ def _compiled(code: str) -> tuple[Any, Any]:
     return compiled
 
 
-def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
+def run_casa_task(taskname: str, parameters: dict[str, Any], token: str | None = None) -> Any:
     """Run one casatasks task on this server, as casampi's server does for
-    ``push_command_request('<task>()', parameters=...)``, without eval."""
+    ``push_command_request('<task>()', parameters=...)``, without eval.
+
+    ``token`` names the call (the same for every attempt of it): a task that
+    changes its sub-MS in place keeps what a re-run needs under it, so an attempt
+    after a dead server starts from the sub-MS as the call found it
+    (``casa_kernel/casa/rerun.py``).
+    """
+    from casa_kernel.casa.rerun import run_guarded
     from casa_kernel.casa.tasks import _casatasks
 
     task = getattr(_casatasks(), taskname, None)
     if task is None or not callable(task):
         raise ValueError(f"{taskname!r} is not a casatasks task")
     try:
-        return task(**parameters)
+        return run_guarded(task, taskname, parameters, token, where())
     finally:
         _relay_casa_log()
 
