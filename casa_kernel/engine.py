@@ -41,12 +41,13 @@ def setup_server() -> tuple[int, str, int]:
     inject_tasks(ns)  # CASA's tasks, as in the kernel (imported on first use)
     log_dir = os.environ.get("CASA_KERNEL_LOG_DIR")
     if log_dir and "log_tail" not in _state:
-        from casa_kernel.casa.config import logfile_path
+        from casa_kernel.casa.config import LOG_TAG_VAR, logfile_path
         from casa_kernel.casa.logs import LogTail
 
         # This server's CASA log (named by the site config from host and rank),
         # read from its current end: what CASA logs from now on is relayed.
-        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank()))
+        tag = os.environ.get(LOG_TAG_VAR)
+        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
     _state.update(rank=comm.Get_rank(), host=host)
     return comm.Get_rank(), host, os.getpid()
 

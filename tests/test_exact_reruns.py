@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import pytest
-from kernels import execute, kernel_env, running_kernel
+from kernels import execute, kernel_env, kernel_pid, running_kernel
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def kernel(ngc5921):
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(ngc5921[0])) as (km, kc):
         reply = execute(kc, "%casa_cluster status")
         assert reply.status == "ok", reply.error
+        kc.km = km
         yield kc
 
 
@@ -94,14 +95,16 @@ def _server_pids(kc) -> dict[int, int]:
 class Killer(threading.Thread):
     """SIGKILL the server whose CASA log shows ``pattern`` (new lines only)."""
 
-    def __init__(self, log_dir: str, pids: dict[int, int], pattern: str, delay: float = 0.0):
+    def __init__(
+        self, log_dir: str, kernel: int, pids: dict[int, int], pattern: str, delay: float = 0.0
+    ):
         super().__init__(daemon=True)
         self.pids, self.pattern, self.delay = pids, re.compile(pattern), delay
+        # this kernel's servers' logs: casa-<host>-kernel<pid>-rank<R>.log
         self.files = {
             rank: path
-            for path in glob.glob(os.path.join(log_dir, "casa-*rank*.log"))
-            for rank in [int(re.search(r"rank(\d+)\.log$", path).group(1))]
-            if rank in pids
+            for rank in pids
+            for path in glob.glob(os.path.join(log_dir, f"casa-*-kernel{kernel}-rank{rank}.log"))
         }
         self.offsets = {r: os.path.getsize(p) for r, p in self.files.items()}
         self.killed: int | None = None
@@ -122,7 +125,7 @@ class Killer(threading.Thread):
 
 
 def _faulty(kc, log_dir: str, code: str, pattern: str, delay: float = 0.0):
-    killer = Killer(log_dir, _server_pids(kc), pattern, delay)
+    killer = Killer(log_dir, kernel_pid(kc.km), _server_pids(kc), pattern, delay)
     assert killer.files, f"no server log in {log_dir}"
     killer.start()
     try:
