@@ -52,6 +52,11 @@ class CasaMagics(Magics):
         "the first host, servers fill the rest in file order",
     )
     @argument("--mpiexec", default=None, help="mpiexec of a site MPI to use instead")
+    @argument(
+        "--oversubscribe",
+        action="store_true",
+        help="without a hostfile, allow more than 8 servers per core of this machine",
+    )
     def casa_cluster(self, line: str) -> Any:
         """Start, stop, restart the CASA cluster, or show its servers.
 
@@ -92,6 +97,7 @@ class CasaMagics(Magics):
             nprocs=args.nprocs,
             hostfile=os.path.abspath(args.hostfile) if args.hostfile else None,
             mpiexec=args.mpiexec,
+            oversubscribe=args.oversubscribe or None,  # None: CASA_KERNEL_OVERSUBSCRIBE
         )
 
     def _status(self) -> display.StatusTable:
