@@ -42,6 +42,9 @@ DEFAULT_SLOTS = 1
 # once launched 9999 servers: OOM kills, then the kernel died), so it is refused
 # before launching unless forced (OVERSUBSCRIBE_VAR, or --oversubscribe).
 MAX_SERVERS_PER_CORE = 8
+# Beyond any cluster of ipyparallel engines, even forced or from a hostfile
+# (`-n 99999999999999999999` must be an error, not a tuple the size of RAM).
+MAX_PROCS = 100_000
 OVERSUBSCRIBE_VAR = "CASA_KERNEL_OVERSUBSCRIBE"
 
 # The keys a hostfile line may carry, with OpenMPI's spellings, mapped to one
@@ -305,6 +308,7 @@ def place(
                 "no process count and no hostfile: give N (which counts the client) or a hostfile"
             )
         _check_at_least_two(n, where)
+        _check_at_most(n, where)
         if cores is not None and not oversubscribe:
             _check_local_load(n, cores)
         return Placement("localhost", ("localhost",) * (n - 1), None)
@@ -326,6 +330,7 @@ def place(
             f"N={n} processes requested but {source} has {total} "
             f"slot{'s' if total != 1 else ''} ({breakdown})"
         )
+    _check_at_most(n, where)
 
     free = [hosts[0].slots - 1] + [h.slots for h in hosts[1:]]  # client's slot taken
     servers: list[str] = []
@@ -356,6 +361,14 @@ def local_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _check_at_most(n: int, where: str) -> None:
+    if n > MAX_PROCS:
+        raise PlacementError(
+            f"N={n} processes{where} is beyond any cluster casa-kernel can run "
+            f"(at most {MAX_PROCS})"
+        )
 
 
 def _check_at_least_two(n: int, where: str) -> None:

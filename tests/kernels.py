@@ -59,7 +59,10 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
             reply.traceback = "\n".join(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+    while True:  # the reply to this request (not one a timed-out call left behind)
+        shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+        if shell["parent_header"].get("msg_id") == msg_id:
+            break
     reply.status = shell["content"]["status"]
     return reply
 

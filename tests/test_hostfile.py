@@ -578,6 +578,7 @@ def test_place_refuses_more_than_the_slots(hosts: list[HostEntry], excess: int) 
         (257, 32, False, False),
         (258, 32, False, True),
         (10000, None, False, False),  # cores unknown: no check (kernelspec install)
+        (100_001, None, True, True),  # beyond any cluster, forced or not
     ],
 )
 def test_local_servers_per_core(nprocs, cores, oversubscribe, refused):
@@ -588,14 +589,20 @@ def test_local_servers_per_core(nprocs, cores, oversubscribe, refused):
     with pytest.raises(PlacementError) as info:
         place(nprocs, cores=cores, oversubscribe=oversubscribe)
     message = str(info.value)
+    if nprocs > hostfile.MAX_PROCS:
+        assert f"N={nprocs} processes" in message and "at most 100000" in message
+        return
     assert f"N={nprocs}" in message and f"{nprocs - 1} servers" in message
     assert f"({8 * max(1, cores)})" in message
     assert "--oversubscribe" in message and "CASA_KERNEL_OVERSUBSCRIBE=1" in message
 
 
-def test_hostfile_is_not_capped_per_local_core():
+def test_hostfile_is_not_capped_per_local_core_but_has_a_ceiling():
     hosts = parse_hostfile("localhost slots=40\n", "hosts.txt")
     assert len(place(40, hosts, "hosts.txt", cores=2).servers) == 39
+    huge = parse_hostfile("orion slots=999999999\n", "hosts.txt")
+    with pytest.raises(PlacementError, match=r"N=999999999 processes \(hostfile hosts.txt\)"):
+        place(None, huge, "hosts.txt")
 
 
 def test_cluster_config_refuses_before_launching(monkeypatch):
