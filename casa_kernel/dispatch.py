@@ -120,23 +120,31 @@ class Dispatcher:
         """
         handles = list(submitted)
         client = self.cluster.wait_ready()
+        recoveries = stale_reruns = 0
         try:
-            for attempt in range(MAX_RECOVERIES + 1):
+            while True:
                 self._wait(client, handles, timeout)
                 # OpenMPI ends the whole world: every engine of it is gone
                 world = set(self.cluster.servers)
                 lost = [i for i, h in enumerate(handles) if h.lost(world)]
-                if not lost or attempt == MAX_RECOVERIES:
+                if not lost:
                     break
                 self._relay(handles)
-                cause = self.cluster.recover()
-                client = self.cluster.client
                 names = ", ".join(jobs[i].label for i in lost)
-                print(
-                    f"casa-kernel: {cause}; started new servers and re-ran: {names}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                if recoveries and stale_reruns < MAX_RECOVERIES and self._world_intact():
+                    # Jobs that reached a server of the world that ended just
+                    # before it ended (queued, not yet counted lost) fail late;
+                    # the new world is fine: run them again, do not replace it.
+                    stale_reruns += 1
+                    note = f"re-ran jobs lost with the servers replaced before: {names}"
+                elif recoveries < MAX_RECOVERIES:
+                    recoveries += 1
+                    cause = self.cluster.recover()
+                    client = self.cluster.client
+                    note = f"{cause}; started new servers and re-ran: {names}"
+                else:
+                    break
+                print(f"casa-kernel: {note}", file=sys.stderr, flush=True)
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost])):
                     handles[i] = handle
         finally:
@@ -214,6 +222,24 @@ class Dispatcher:
             return True
         client = self.cluster.client
         return client is not None and len(client.ids) < self.cluster.config.nservers
+
+    def _world_intact(self, settle: float = 1.0) -> bool:
+        """mpiexec still runs every server, a moment after a job died.
+
+        When a rank dies OpenMPI ends the job within about half a second, so a
+        world still whole after ``settle`` seconds lost no server.
+        """
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            if not self.cluster.engine_set_alive():
+                return False
+            time.sleep(0.05)
+        client = self.cluster.client
+        return (
+            self.cluster.engine_set_alive()
+            and client is not None
+            and len(client.ids) >= self.cluster.config.nservers
+        )
 
     def _stop_running(self, client: Any, pending: list[Any]) -> None:
         """Abort queued work and interrupt the servers running ours."""
