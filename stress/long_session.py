@@ -4,8 +4,8 @@ Runs ``--cells`` ``%%casa_parallel`` cells and ``--tasks`` transparent task call
 (flagdata summary on a 4-sub-MS Multi-MS, through CASA's parallel helper and
 the servers), interleaved, in ONE kernel with 2 servers. Samples RSS of the
 kernel, the controller and each server, their open file descriptors, and the
-latency of each cell. Compares the mean of the first 10 % of samples with the
-last 10 %: every figure must grow by less than ``--limit`` percent (5).
+latency of each cell. Compares the first 10 % of samples with the last 10 %
+(means; medians for latencies): every figure must grow by less than ``--limit`` percent (5).
 
 A warm-up (20 cells, 2 task calls: imports, caches) runs before measuring.
 Exit status 1 if a figure grew beyond the limit or a cell failed.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import statistics
 import sys
@@ -65,9 +66,9 @@ def _sample(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
-def _growth(values: list[float]) -> tuple[float, float, float]:
+def _growth(values: list[float], center=statistics.mean) -> tuple[float, float, float]:
     k = max(1, len(values) // 10)
-    first, last = statistics.mean(values[:k]), statistics.mean(values[-k:])
+    first, last = center(values[:k]), center(values[-k:])
     return first, last, (last - first) / first * 100 if first else 0.0
 
 
@@ -76,6 +77,7 @@ def main() -> int:
     parser.add_argument("--cells", type=int, default=2000)
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--limit", type=float, default=5.0, help="allowed growth, percent")
+    parser.add_argument("--dump", help="write the raw series (JSON) to this file")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="casa-kernel-long-")
     apply_to_process(casa_environment(os.path.join(work, "logs")))
@@ -111,8 +113,15 @@ def main() -> int:
                 samples.append(_sample(procs))
         samples.append(_sample(procs))
     took = time.monotonic() - started
+    if args.dump:
+        with open(args.dump, "w") as f:
+            json.dump({"cell_ms": cell_ms, "task_ms": task_ms, "samples": samples}, f)
 
-    rows = [("cell latency ms", _growth(cell_ms)), ("task call latency ms", _growth(task_ms))]
+    # latencies: medians, so a burst of load from other processes is not a trend
+    rows = [
+        ("cell latency ms (median)", _growth(cell_ms, statistics.median)),
+        ("task call ms (median)", _growth(task_ms, statistics.median)),
+    ]
     rows += [(key, _growth([s[key] for s in samples])) for key in samples[0]]
     print(
         f"{args.cells} cells + {len(task_ms)} task calls in {took:.0f} s, "
