@@ -139,3 +139,12 @@ def test_read_only_and_idempotent_jobs_keep_nothing(sub):
     rerun.run_guarded(lambda **p: 1, "flagdata", {"vis": sub, "mode": "summary"}, "t", "r")
     rerun.run_guarded(lambda **p: 1, "applycal", {"vis": sub}, "t", "r")
     assert not os.path.exists(sub + ".flagversions")
+
+
+def test_call_forgotten_by_the_kernel_while_its_job_runs_leaves_nothing(sub):
+    def task(**params):  # the kernel's Ctrl-C: it forgets the call, the job goes on
+        rerun.forget(params["vis"], "t3")
+        return 1
+
+    assert rerun.run_guarded(task, "flagdata", {"vis": sub, "mode": "rflag"}, "t3", "r") == 1
+    assert not os.path.exists(sub + ".flagversions")

@@ -147,7 +147,10 @@ class FlagBackup:
 
     def finished(self, value: Any) -> None:
         """The task returned: keep its value for a re-run whose reply was lost."""
-        state = self.state() or {}
+        state = self.state()
+        if state is None:  # the kernel forgot the call already (it was interrupted)
+            self.remove()
+            return
         try:
             self._write({**state, "done": True, "value": value})
         except (pickle.PicklingError, TypeError, AttributeError):
@@ -156,7 +159,10 @@ class FlagBackup:
 
     def remove(self) -> bool:
         """Remove the backup; whether the flag-version folder was made for it."""
-        created = bool((self.state() or {}).get("created_folder"))
+        state = self.state()
+        # no marker left (the kernel forgot the call first): an empty folder
+        # holds nothing anyway
+        created = True if state is None else bool(state.get("created_folder"))
         self._drop_version()
         for path in (self.marker, self.marker + ".tmp"):
             if os.path.exists(path):
