@@ -20,13 +20,17 @@ from kernels import cluster_processes, execute, kernel_env, kernel_pid, running_
 N_KERNELS = 4
 
 
-def _ports(pid: int) -> set[int]:
-    ports = set()
-    for proc in cluster_processes(pid):
-        try:
-            ports |= {c.laddr.port for c in proc.net_connections("inet") if c.status == "LISTEN"}
-        except psutil.Error:
-            continue
+def _listening_ports(pids: list[int]) -> list[set[tuple[str, int]]]:
+    """(address, port) each kernel's cluster listens on, from ONE snapshot of the machine
+    (sampled one kernel after the other, a port closed by one process and then
+    opened by another would look shared)."""
+    owner: dict[int, int] = {}
+    for index, pid in enumerate(pids):
+        owner.update({proc.pid: index for proc in cluster_processes(pid)})
+    ports: list[set[tuple[str, int]]] = [set() for _ in pids]
+    for conn in psutil.net_connections("inet"):
+        if conn.status == "LISTEN" and conn.pid in owner:
+            ports[owner[conn.pid]].add((conn.laddr.ip, conn.laddr.port))
     return ports
 
 
@@ -45,7 +49,7 @@ def test_four_kernels_at_once(casa_log_dir):
             assert reply.status == "ok", reply.error
             assert ast.literal_eval(reply.result) == [(0, 2, 2), (1, 2, 2)]
 
-        ports = [_ports(pid) for pid in pids]
+        ports = _listening_ports(pids)
         assert all(ports), ports
         for i in range(N_KERNELS):
             for j in range(i + 1, N_KERNELS):
