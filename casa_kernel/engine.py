@@ -44,7 +44,7 @@ def setup_server() -> tuple[int, str, int]:
         from casa_kernel.casa.config import LOG_TAG_VAR, logfile_path
         from casa_kernel.casa.logs import LogTail
 
-        # This server's CASA log (named by the site config from host and rank),
+        # This server's CASA log (named by the site config: host, kernel, rank),
         # read from its current end: what CASA logs from now on is relayed.
         tag = os.environ.get(LOG_TAG_VAR)
         _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
