@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def main() -> int:
                 samples.append(_sample(procs))
         samples.append(_sample(procs))
     took = time.monotonic() - started
+    shutil.rmtree(work, ignore_errors=True)
     if args.dump:
         with open(args.dump, "w") as f:
             json.dump({"cell_ms": cell_ms, "task_ms": task_ms, "samples": samples}, f)
