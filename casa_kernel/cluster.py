@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casa_kernel.errors import ClusterError, PlacementError
-from casa_kernel.hostfile import Placement, place, read_hostfile
+from casa_kernel.hostfile import OVERSUBSCRIBE_VAR, Placement, local_cores, place, read_hostfile
 
 #: Environment variables that configure the cluster (the kernelspec sets them).
 ENV_NPROCS = "CASA_KERNEL_NPROCS"
@@ -30,6 +30,8 @@ ENV_OWNER = "CASA_KERNEL_OWNER"
 # The name or address the servers use to reach the controller when some of them
 # run on other hosts (default: this machine's socket.getfqdn()).
 ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
+
+_YES = ("1", "true", "yes", "on")
 
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
@@ -58,12 +60,19 @@ class ClusterConfig:
         extra_mpi_args: tuple[str, ...] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
         controller_location: str | None = None,
+        oversubscribe: bool | None = None,
     ) -> ClusterConfig:
-        """Validate everything that can be checked before launching anything."""
+        """Validate everything that can be checked before launching anything.
+
+        ``oversubscribe`` (None: from ``CASA_KERNEL_OVERSUBSCRIBE``) lifts the cap
+        on servers per core of this machine when there is no hostfile.
+        """
         hosts = read_hostfile(hostfile) if hostfile else None
         if nprocs is None and hostfile is None:
             nprocs = DEFAULT_NPROCS
-        placement = place(nprocs, hosts, hostfile)
+        if oversubscribe is None:
+            oversubscribe = os.environ.get(OVERSUBSCRIBE_VAR, "").strip().lower() in _YES
+        placement = place(nprocs, hosts, hostfile, cores=local_cores(), oversubscribe=oversubscribe)
         return cls(
             placement,
             find_mpiexec(mpiexec),
@@ -95,6 +104,7 @@ class ClusterConfig:
             extra_mpi_args=tuple(shlex.split(env.get(ENV_MPI_ARGS, ""))),
             start_timeout=timeout,
             controller_location=env.get(ENV_CONTROLLER_LOCATION, "").strip() or None,
+            oversubscribe=env.get(OVERSUBSCRIBE_VAR, "").strip().lower() in _YES,
         )
 
 

@@ -103,17 +103,32 @@ class Dispatcher:
         handles = list(submitted)
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout
+        recoveries = stale_reruns = 0
         try:
-            for attempt in range(MAX_RECOVERIES + 1):
+            while True:
                 self._wait(handles, timeout, deadline)
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
                 lost = [i for i, h in enumerate(handles) if is_lost(h.kind(), h.engine_id(), world)]
-                if not lost or attempt == MAX_RECOVERIES:
+                if not lost:
                     break
                 self._relay(handles)
-                cause = self.cluster.recover()
                 names = ", ".join(jobs[i].label for i in lost)
-                say(f"{cause}; started new servers and re-ran: {names}")
+                if (
+                    recoveries
+                    and stale_reruns < MAX_RECOVERIES
+                    and all(handles[i].engine_id() not in world for i in lost)
+                ):
+                    # Jobs that reached a server of the world that ended just
+                    # before it ended fail late, after the recovery; the new
+                    # world is fine: run them again, do not replace it.
+                    stale_reruns += 1
+                    say(f"re-ran jobs lost with the servers replaced before: {names}")
+                elif recoveries < MAX_RECOVERIES:
+                    recoveries += 1
+                    cause = self.cluster.recover()
+                    say(f"{cause}; started new servers and re-ran: {names}")
+                else:
+                    break
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost], deadline)):
                     handles[i] = handle
         finally:

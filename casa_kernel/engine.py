@@ -41,12 +41,13 @@ def setup_server() -> tuple[int, str, int]:
     inject_tasks(ns)  # CASA's tasks, as in the kernel (imported on first use)
     log_dir = os.environ.get("CASA_KERNEL_LOG_DIR")
     if log_dir and "log_tail" not in _state:
-        from casa_kernel.casa.config import logfile_path
+        from casa_kernel.casa.config import LOG_TAG_VAR, logfile_path
         from casa_kernel.casa.logs import LogTail
 
-        # This server's CASA log (named by the site config from host and rank),
+        # This server's CASA log (named by the site config: host, kernel, rank),
         # read from its current end: what CASA logs from now on is relayed.
-        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank()))
+        tag = os.environ.get(LOG_TAG_VAR)
+        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
     _state.update(rank=comm.Get_rank(), host=host)
     return comm.Get_rank(), host, os.getpid()
 
@@ -115,16 +116,23 @@ def _compiled(code: str) -> tuple[Any, Any]:
     return compiled
 
 
-def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
+def run_casa_task(taskname: str, parameters: dict[str, Any], token: str | None = None) -> Any:
     """Run one casatasks task on this server, as casampi's server does for
-    ``push_command_request('<task>()', parameters=...)``, without eval."""
+    ``push_command_request('<task>()', parameters=...)``, without eval.
+
+    ``token`` names the call (the same for every attempt of it): a task that
+    changes its sub-MS in place keeps what a re-run needs under it, so an attempt
+    after a dead server starts from the sub-MS as the call found it
+    (``casa_kernel/casa/rerun.py``).
+    """
+    from casa_kernel.casa.rerun import run_guarded
     from casa_kernel.casa.tasks import _casatasks
 
     task = getattr(_casatasks(), taskname, None)
     if task is None or not callable(task):
         raise ValueError(f"{taskname!r} is not a casatasks task")
     try:
-        return task(**parameters)
+        return run_guarded(task, taskname, parameters, token, where())
     finally:
         _relay_casa_log()
 

@@ -16,6 +16,12 @@ from typing import Any
 class CasaKernelError(Exception):
     """Base class of every error casa-kernel raises on purpose."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: the message names the file,
+        # line, host, sub-MS or rank at fault; casa-kernel's own frames would
+        # only hide it (servers' tracebacks are in the message of RemoteError).
+        return [f"{type(self).__name__}: {self}"]
+
 
 class HostfileError(CasaKernelError, ValueError):
     """A hostfile line is malformed; names the file and the line."""

@@ -9,6 +9,7 @@ cluster completely; a watchdog process ends it if the kernel is killed.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -48,7 +49,8 @@ class CasaKernel(IPythonKernel):
         super().__init__(**kwargs)
         from casa_kernel.casa import bridge, config, tasks
 
-        env = config.casa_environment(config.default_log_dir())
+        # log files of this kernel only: casa-<host>-kernel<pid>-client/rank<R>.log
+        env = config.casa_environment(config.default_log_dir(), tag=f"kernel{os.getpid()}")
         config.apply_to_process(env)
         self.cluster_session = ClusterSession(env=env, watchdog=Watchdog())
         # casatasks' parallel helpers look for casampi when they are imported:

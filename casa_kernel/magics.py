@@ -7,6 +7,8 @@ the dispatcher.
 
 from __future__ import annotations
 
+import keyword
+import math
 import os
 import socket
 from typing import Any
@@ -53,6 +55,11 @@ class CasaMagics(Magics):
         "the first host, servers fill the rest in file order",
     )
     @argument("--mpiexec", default=None, help="mpiexec of a site MPI to use instead")
+    @argument(
+        "--oversubscribe",
+        action="store_true",
+        help="without a hostfile, allow more than 8 servers per core of this machine",
+    )
     def casa_cluster(self, line: str) -> Any:
         """Start, stop, restart the CASA cluster, or show its servers.
 
@@ -68,7 +75,7 @@ class CasaMagics(Magics):
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
             return None
-        args = parse_argstring(self.casa_cluster, line)
+        args = _parse(self.casa_cluster, line)
         try:
             if args.action == "status":
                 return self._status()
@@ -76,7 +83,10 @@ class CasaMagics(Magics):
                 self.session.stop()
                 print("casa-kernel: cluster stopped")
                 return None
-            config = self._config(args)
+            try:
+                config = self._config(args)
+            except (ValueError, OSError) as exc:  # e.g. a NUL byte in a path
+                raise UsageError(f"%casa_cluster {line.strip()}: {exc}") from None
             if args.action == "restart":
                 self.session.stop()
             cluster = self.session.start(config)
@@ -93,6 +103,7 @@ class CasaMagics(Magics):
             nprocs=args.nprocs,
             hostfile=os.path.abspath(args.hostfile) if args.hostfile else None,
             mpiexec=args.mpiexec,
+            oversubscribe=args.oversubscribe or None,  # None: CASA_KERNEL_OVERSUBSCRIBE
         )
 
     def _status(self) -> display.StatusTable:
@@ -151,9 +162,11 @@ class CasaMagics(Magics):
         if _wants_help(line):
             print(self.casa_parallel.__doc__)
             return None
-        args = parse_argstring(self.casa_parallel, line)
-        if args.out is not None and not args.out.isidentifier():
+        args = _parse(self.casa_parallel, line)
+        if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
             raise UsageError(f"--out {args.out!r} is not a valid variable name")
+        if args.timeout is not None and not 0 < args.timeout < math.inf:
+            raise UsageError(f"--timeout {args.timeout!r}: give a number of seconds above 0")
         try:
             cluster = self.session.require()
             cluster.wait_ready(progress=display.progress)
@@ -189,6 +202,14 @@ class CasaMagics(Magics):
         if result.failures:
             raise RemoteError(result.failures, results=result.per_submms)
         return result.merged
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """parse_argstring, with a line shlex cannot split (an open quote) a UsageError."""
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as exc:
+        raise UsageError(f"cannot read the options {line.strip()!r}: {exc}") from None
 
 
 def _wants_help(line: str) -> bool:

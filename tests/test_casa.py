@@ -22,6 +22,7 @@ import pytest
 
 from casa_kernel.casa.config import (
     LOG_DIR_VAR,
+    LOG_TAG_VAR,
     SITECONFIG_VAR,
     apply_to_process,
     casa_environment,
@@ -405,7 +406,7 @@ def test_site_config_as_casaconfig_reads_it(
     text = Path(packaged_siteconfig()).read_text()
 
     def run(**env: str) -> dict[str, Any]:
-        for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", LOG_DIR_VAR):
+        for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", LOG_DIR_VAR, LOG_TAG_VAR):
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -424,6 +425,14 @@ def test_site_config_as_casaconfig_reads_it(
     for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
         ns = run(CASA_KERNEL_LOG_DIR=str(tmp_path / "logs"), **{var: "7"})
         assert ns["logfile"] == logfile_path(str(tmp_path / "logs"), rank=7)
+    # A kernel's tag: its own files, for the kernel and each of its servers.
+    ns = run(CASA_KERNEL_LOG_DIR=str(tmp_path / "logs"), CASA_KERNEL_LOG_TAG="kernel42")
+    assert ns["logfile"] == str(tmp_path / "logs" / f"casa-{host}-kernel42-client.log")
+    ns = run(
+        CASA_KERNEL_LOG_DIR=str(tmp_path / "logs"), CASA_KERNEL_LOG_TAG="kernel42", PMI_RANK="3"
+    )
+    assert ns["logfile"] == logfile_path(str(tmp_path / "logs"), rank=3, tag="kernel42")
+    assert ns["logfile"].endswith(f"casa-{host}-kernel42-rank3.log")
     # Without the variable: a per-user folder in the temp dir, not the cwd.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     ns = run()

@@ -559,3 +559,58 @@ def test_place_refuses_more_than_the_slots(hosts: list[HostEntry], excess: int) 
         place(max(2, total + excess), hosts, "hosts.txt")
     assert f"N={max(2, total + excess)} processes requested" in str(info.value)
     assert f"hosts.txt has {total} slot" in str(info.value)
+
+
+# -- sanity of a local cluster: servers per core without a hostfile ----------------
+
+
+@pytest.mark.parametrize(
+    "nprocs, cores, oversubscribe, refused",
+    [
+        (3, 2, False, False),
+        (17, 2, False, False),  # 16 servers: 8 per core, the limit
+        (18, 2, False, True),  # 17 servers on 2 cores
+        (10000, 2, False, True),
+        (10000, 2, True, False),  # forced
+        (9, 1, False, False),
+        (10, 1, False, True),
+        (10, 0, False, True),  # a machine reporting no cores counts as one
+        (257, 32, False, False),
+        (258, 32, False, True),
+        (10000, None, False, False),  # cores unknown: no check (kernelspec install)
+        (100_001, None, True, True),  # beyond any cluster, forced or not
+    ],
+)
+def test_local_servers_per_core(nprocs, cores, oversubscribe, refused):
+    if not refused:
+        placement = place(nprocs, cores=cores, oversubscribe=oversubscribe)
+        assert len(placement.servers) == nprocs - 1
+        return
+    with pytest.raises(PlacementError) as info:
+        place(nprocs, cores=cores, oversubscribe=oversubscribe)
+    message = str(info.value)
+    if nprocs > hostfile.MAX_PROCS:
+        assert f"N={nprocs} processes" in message and "at most 100000" in message
+        return
+    assert f"N={nprocs}" in message and f"{nprocs - 1} servers" in message
+    assert f"({8 * max(1, cores)})" in message
+    assert "--oversubscribe" in message and "CASA_KERNEL_OVERSUBSCRIBE=1" in message
+
+
+def test_hostfile_is_not_capped_per_local_core_but_has_a_ceiling():
+    hosts = parse_hostfile("localhost slots=40\n", "hosts.txt")
+    assert len(place(40, hosts, "hosts.txt", cores=2).servers) == 39
+    huge = parse_hostfile("orion slots=999999999\n", "hosts.txt")
+    with pytest.raises(PlacementError, match=r"N=999999999 processes \(hostfile hosts.txt\)"):
+        place(None, huge, "hosts.txt")
+
+
+def test_cluster_config_refuses_before_launching(monkeypatch):
+    from casa_kernel.cluster import ClusterConfig
+
+    monkeypatch.setattr("casa_kernel.cluster.local_cores", lambda: 2)
+    with pytest.raises(PlacementError, match="9999 servers"):
+        ClusterConfig.from_env({"CASA_KERNEL_NPROCS": "10000"})
+    forced = {"CASA_KERNEL_NPROCS": "100", "CASA_KERNEL_OVERSUBSCRIBE": "1"}
+    assert ClusterConfig.from_env(forced).nservers == 99
+    assert ClusterConfig.from_options(nprocs=100, oversubscribe=True).nservers == 99

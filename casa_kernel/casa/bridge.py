@@ -24,10 +24,11 @@ from __future__ import annotations
 import itertools
 import sys
 import types
+import uuid
 from typing import Any
 
 from casa_kernel import display, engine
-from casa_kernel.casa import tasks
+from casa_kernel.casa import rerun, tasks
 from casa_kernel.dispatch import Dispatcher, Job
 from casa_kernel.errors import ClusterError
 
@@ -112,9 +113,11 @@ class MPICommandClient:
             target = target_server - 1
         elif isinstance(target_server, list) and len(target_server) == 1:
             target = target_server[0] - 1
-        job = Job(
-            str(params.get("vis", taskname)), engine.run_casa_task, (taskname, params), target
-        )
+        # One token per call, the same for its re-runs: the server keeps what an
+        # exact re-run of an in-place task needs under it (casa/rerun.py).
+        token = uuid.uuid4().hex
+        label = str(params.get("vis", taskname))
+        job = Job(label, engine.run_casa_task, (taskname, params, token), target)
         dispatcher = Dispatcher(_cluster())
         (handle,) = dispatcher.submit([job])
         request_id = next(self._ids)
@@ -128,7 +131,11 @@ class MPICommandClient:
     ) -> list[dict[str, Any]]:
         requests = [self._requests.pop(i) for i in command_request_id_list]
         dispatcher = Dispatcher(_cluster())
-        outcomes = dispatcher.collect([r[0] for r in requests], [r[1] for r in requests])
+        try:
+            outcomes = dispatcher.collect([r[0] for r in requests], [r[1] for r in requests])
+        finally:
+            for job, _handle, _command, params in requests:
+                rerun.forget(params.get("vis"), job.args[2])
         responses = []
         for request_id, (_job, _handle, command, params), outcome in zip(
             command_request_id_list, requests, outcomes

@@ -39,6 +39,9 @@ from importlib import resources
 
 SITECONFIG_VAR = "CASASITECONFIG"
 LOG_DIR_VAR = "CASA_KERNEL_LOG_DIR"
+# Names one kernel's log files (``kernel<pid>``): notebooks running at the same
+# time on one machine must not share them, or one relays the other's errors.
+LOG_TAG_VAR = "CASA_KERNEL_LOG_TAG"
 
 
 def packaged_siteconfig() -> str:
@@ -91,20 +94,25 @@ def _temp_log_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"casa-kernel-{user}", "logs")
 
 
-def logfile_path(log_dir: str, rank: int | None = None, host: str | None = None) -> str:
+def logfile_path(
+    log_dir: str, rank: int | None = None, host: str | None = None, tag: str | None = None
+) -> str:
     """The log file the packaged site config chooses for a process.
 
     ``rank=None`` is the kernel (``casa-<host>-client.log``), otherwise the server of
-    that MPI rank (``casa-<host>-rank<R>.log``).  ``host`` defaults to this machine;
-    the short name is used, as in the site config.  On a running process
-    ``casatasks.casalog.logfile()`` is the authority.
+    that MPI rank (``casa-<host>-rank<R>.log``); a kernel's ``tag`` (``kernel<pid>``,
+    from ``CASA_KERNEL_LOG_TAG``) goes before the role: ``casa-<host>-<tag>-rank<R>.log``.
+    ``host`` defaults to this machine; the short name is used, as in the site
+    config.  On a running process ``casatasks.casalog.logfile()`` is the authority.
     """
     host = (host or socket.gethostname()).split(".")[0] or "localhost"
     role = "client" if rank is None else f"rank{int(rank)}"
+    if tag:
+        role = f"{tag}-{role}"
     return os.path.join(log_dir, f"casa-{host}-{role}.log")
 
 
-def casa_environment(log_dir: str) -> dict[str, str]:
+def casa_environment(log_dir: str, tag: str | None = None) -> dict[str, str]:
     """Environment variables for the kernel and every server so that CASA runs offline.
 
     Returns ``CASASITECONFIG`` (the packaged site config, or the user's own if it is
@@ -127,10 +135,13 @@ def casa_environment(log_dir: str) -> dict[str, str]:
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return {
+    env = {
         SITECONFIG_VAR: site,
         LOG_DIR_VAR: os.path.abspath(os.path.expanduser(log_dir)),
     }
+    if tag:
+        env[LOG_TAG_VAR] = tag
+    return env
 
 
 def casa_config_loaded() -> bool:

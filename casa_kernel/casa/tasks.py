@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 import threading
@@ -70,8 +71,9 @@ class CasaTask:
     While a cluster runs, tasks that CASA parallelises over a Multi-MS go to the
     servers through the bridge. A task that writes ``outputvis`` keeps its output
     only when every sub-MS succeeded (selection that empties a sub-MS aside):
-    otherwise the half-made output is removed and the error names the sub-MS,
-    server rank and host.
+    otherwise what the call made (the output, its flag versions, CASA's
+    ``<output>.data`` folder of sub-MS outputs) is removed and the error names
+    the sub-MS, server rank and host. Nothing that existed before is touched.
     """
 
     def __init__(self, name: str):
@@ -95,28 +97,62 @@ class CasaTask:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task = self._task()
-        outputvis = kwargs.get("outputvis")
-        existed = bool(outputvis) and os.path.exists(str(outputvis))
+        outputvis = _argument(task, "outputvis", args, kwargs)
+        # what this call may create, and what of it was there before
+        made = [p for p in _partial_outputs(outputvis) if not os.path.lexists(p)]
         _local.failures = failures = []
         try:
             ret = task(*args, **kwargs)
+        except BaseException:
+            _remove_outputs(made)  # the task raised: nothing it began is valid
+            raise
         finally:
             _local.failures = None
         real = [
             f for f in failures if not any(b in f.traceback + f.evalue for b in _BENIGN_FAILURES)
         ]
         if real:
-            if outputvis and not existed:
-                _remove_output(str(outputvis))
+            _remove_outputs(made)
             raise RemoteError(real, results=ret)
+        # CASA's folder of sub-MS outputs is moved into the Multi-MS when all
+        # went well; what is left of it was never part of a result.
+        _remove_outputs([p for p in made if p.endswith(".data")])
         return ret
 
 
-def _remove_output(path: str) -> None:
-    """Remove a Multi-MS and its sub-MS folder (``<outputvis>/SUBMSS``)."""
-    shutil.rmtree(path, ignore_errors=True)
-    for extra in (path + ".flagversions",):
-        shutil.rmtree(extra, ignore_errors=True)
+def _argument(task: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The value of parameter ``name`` in this call, given by keyword or position."""
+    if name in kwargs or not args:
+        return kwargs.get(name)
+    try:
+        return inspect.signature(task).bind_partial(*args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):
+        return None
+
+
+def _partial_outputs(outputvis: Any) -> list[str]:
+    """The paths a task writing ``outputvis`` may create, as casatasks 6.7 names them.
+
+    The output MS or Multi-MS (with its sub-MSs in ``<outputvis>/SUBMSS``), its
+    flag versions, and ParallelDataHelper's folder of per-sub-MS outputs,
+    ``<dir>/<base>.data`` (``<base>`` without a trailing dot), made before any job
+    runs and moved into the Multi-MS only at the end.
+    """
+    if not isinstance(outputvis, str) or not outputvis.strip():
+        return []
+    path = os.path.abspath(outputvis.rstrip("/"))
+    folder, base = os.path.split(path)
+    if base.endswith("."):
+        base = base[: base.rindex(".")]
+    return [path, path + ".flagversions", os.path.join(folder, base + ".data")]
+
+
+def _remove_outputs(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def inject_tasks(user_ns: dict[str, Any]) -> None:

@@ -77,6 +77,11 @@ def _casa_kernel_logfile():
             rank = os.environ[name]
             break
     role = "client" if rank is None else "rank" + rank
+    # One kernel's files (CASA_KERNEL_LOG_TAG, "kernel<pid>"): notebooks running
+    # at the same time must not read each other's servers' errors.
+    tag = "".join(c for c in os.environ.get("CASA_KERNEL_LOG_TAG", "") if c.isalnum())
+    if tag:
+        role = tag + "-" + role
     return os.path.join(os.path.abspath(log_dir), "casa-" + host + "-" + role + ".log")
 
 
