@@ -16,7 +16,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from casa_kernel import display
-from casa_kernel.cluster import ClusterConfig, ClusterSession
+from casa_kernel.cluster import ClusterSession
+from casa_kernel.config import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
 
@@ -85,14 +86,19 @@ class CasaMagics(Magics):
             raise UsageError(str(exc)) from None
 
     def _config(self, args: Any) -> ClusterConfig | None:
-        if args.nprocs is None and args.hostfile is None and args.mpiexec is None:
-            current = self.session.cluster
-            return current.config if current is not None else None
-        return ClusterConfig.from_options(
-            nprocs=args.nprocs,
-            hostfile=os.path.abspath(args.hostfile) if args.hostfile else None,
-            mpiexec=args.mpiexec,
-        )
+        """The configuration to (re)start with: the current one (or the kernelspec's)
+        with only the settings this line names replaced."""
+        overrides: dict[str, Any] = {}
+        if args.nprocs is not None:
+            overrides["nprocs"] = args.nprocs
+        if args.hostfile is not None:
+            overrides["hostfile"] = os.path.abspath(os.path.expanduser(args.hostfile))
+        if args.mpiexec is not None:
+            overrides["mpiexec"] = args.mpiexec
+        current = self.session.cluster
+        if current is not None:
+            return current.config.replace(**overrides) if overrides else current.config
+        return ClusterConfig.from_env(**overrides) if overrides else None
 
     def _status(self) -> display.StatusTable:
         cluster = self.session.require()
