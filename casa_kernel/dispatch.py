@@ -26,6 +26,7 @@ from casa_kernel import engine
 from casa_kernel.cluster import CasaCluster
 from casa_kernel.display import StreamPrinter, server_label
 from casa_kernel.errors import ClusterError, RemoteError, ServerFailure, TaskTimeout
+from casa_kernel.progress import Tracker
 
 # How long the servers get to stop after an interrupt before we give up on them.
 INTERRUPT_GRACE = 5.0
@@ -35,6 +36,9 @@ OUTPUT_INTERVAL = 0.05
 OUTPUT_GRACE = 5.0
 # How many times one call replaces dead servers before giving up.
 MAX_RECOVERIES = 2
+# An SPMD cell shows its live table only when it runs longer than this: a quick
+# cell should not flash a display.
+SPMD_SHOW_AFTER = 1.0
 
 
 @dataclass
@@ -67,9 +71,17 @@ class SubMSResults:
 
 
 class Dispatcher:
-    def __init__(self, cluster: CasaCluster, printer: StreamPrinter | None = None):
+    def __init__(
+        self,
+        cluster: CasaCluster,
+        printer: StreamPrinter | None = None,
+        title: str = "casa_parallel",
+    ):
         self.cluster = cluster
         self.printer = printer or StreamPrinter()
+        self.title = title  # names the operation in its live progress display
+        self.unit = "jobs"
+        self.show_after = 0.0
 
     # -- the two shapes --------------------------------------------------------
 
@@ -79,6 +91,7 @@ class Dispatcher:
         ranks = range(self.cluster.config.nservers)
         args = (code,)  # one tuple for all: submitted as one DirectView apply
         jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
+        self.unit, self.show_after = "servers", SPMD_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
         failures = [o.failure for o in outcomes if o.failure]
         values = [o.value for o in outcomes]
@@ -91,6 +104,7 @@ class Dispatcher:
     ) -> SubMSResults:
         """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
         jobs = [Job(path, engine.run_cell, (code, {"vis": path})) for path in submms]
+        self.unit, self.show_after = "sub-MS", 0.0
         outcomes = self.execute(jobs, timeout)
         result = SubMSResults(vis=vis)
         for outcome in outcomes:
@@ -120,9 +134,14 @@ class Dispatcher:
         """
         handles = list(submitted)
         client = self.cluster.wait_ready()
+        tracker = Tracker(
+            self.cluster, [job.label for job in jobs], self.title, self.unit, self.show_after
+        )
+        tracker.poll(handles)
+        finished = False
         try:
             for attempt in range(MAX_RECOVERIES + 1):
-                self._wait(client, handles, timeout)
+                self._wait(client, handles, timeout, tracker)
                 # OpenMPI ends the whole world: every engine of it is gone
                 world = set(self.cluster.servers)
                 lost = [i for i, h in enumerate(handles) if h.lost(world)]
@@ -139,6 +158,7 @@ class Dispatcher:
                 )
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost])):
                     handles[i] = handle
+            finished = True
         finally:
             # A result can arrive before the last of its output (other socket).
             for ar in _unique(handles):
@@ -146,6 +166,10 @@ class Dispatcher:
                     ar.wait_for_output(OUTPUT_GRACE)
             self._relay(handles)
             self.printer.flush()
+            failed = sum(1 for h in handles if h.ready() and h.failed())
+            words = [] if finished else ["stopped"]
+            words += [f"{failed} failed"] if failed else []
+            tracker.finish(handles, ", ".join(words))
         return [self._outcome(job, h) for job, h in zip(jobs, handles)]
 
     def submit(self, jobs: list[Job]) -> list[Handle]:
@@ -184,7 +208,13 @@ class Dispatcher:
                 return eid
         raise ClusterError(f"no server has rank {rank}")
 
-    def _wait(self, client: Any, handles: list[Handle], timeout: float | None) -> None:
+    def _wait(
+        self,
+        client: Any,
+        handles: list[Handle],
+        timeout: float | None,
+        tracker: Tracker | None = None,
+    ) -> None:
         """Until every job is done, a server died, the timeout or Ctrl-C."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = [ar for ar in _unique(handles) if not ar.ready()]
@@ -192,6 +222,8 @@ class Dispatcher:
             while pending:
                 pending[0].wait(OUTPUT_INTERVAL)
                 self._relay(handles)
+                if tracker is not None:
+                    tracker.poll(handles)
                 if self._world_lost(handles):
                     return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]
@@ -309,6 +341,14 @@ class Handle:
         if isinstance(value, BaseException):
             raise value
         return value
+
+    def failed(self) -> bool:
+        """Finished with an exception (call only when ready)."""
+        try:
+            self.value()
+        except Exception:
+            return True
+        return False
 
     def died(self) -> bool:
         """Finished because its server died."""

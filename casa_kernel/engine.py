@@ -140,3 +140,10 @@ def _relay_casa_log() -> None:
     if tail is not None and "casatools" in sys.modules:
         for line in tail.read_new():
             print(line, file=sys.stderr)
+
+
+def memory() -> int:
+    """This server's resident set size in bytes (``%casa_cluster status``)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss

@@ -20,6 +20,7 @@ from casa_kernel.cluster import ClusterSession
 from casa_kernel.config import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
+from casa_kernel.progress import status_rows, wait_ready
 
 
 @magics_class
@@ -80,7 +81,7 @@ class CasaMagics(Magics):
             if args.action == "restart":
                 self.session.stop()
             cluster = self.session.start(config)
-            cluster.wait_ready(progress=display.progress)
+            wait_ready(cluster)
             return self._status()
         except CasaKernelError as exc:
             raise UsageError(str(exc)) from None
@@ -103,7 +104,7 @@ class CasaMagics(Magics):
     def _status(self) -> display.StatusTable:
         cluster = self.session.require()
         if cluster.state == "starting":
-            cluster.wait_ready(progress=display.progress)
+            wait_ready(cluster)
         placement = cluster.config.placement
         source = placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
@@ -112,7 +113,7 @@ class CasaMagics(Magics):
             f"CASA cluster ({cluster.state}): client on {client_host}, "
             f"{len(placement.servers)} servers, N={placement.nprocs} ({source})"
         )
-        return display.StatusTable(title, cluster.status())
+        return display.StatusTable(title, status_rows(cluster))
 
     @cell_magic
     @magic_arguments()
@@ -158,10 +159,13 @@ class CasaMagics(Magics):
             raise UsageError(f"--out {args.out!r} is not a valid variable name")
         try:
             cluster = self.session.require()
-            cluster.wait_ready(progress=display.progress)
+            wait_ready(cluster)
         except CasaKernelError as exc:
             raise UsageError(str(exc)) from None
-        dispatcher = Dispatcher(cluster)
+        title = "%%casa_parallel"
+        if args.vis is not None:
+            title += f" --vis {os.path.basename(os.path.normpath(args.vis))}"
+        dispatcher = Dispatcher(cluster, title=title)
         if args.vis is None:
             try:
                 values = dispatcher.spmd(cell, timeout=args.timeout)
@@ -171,6 +175,8 @@ class CasaMagics(Magics):
                 raise
             if args.out:
                 self.shell.user_ns[args.out] = values
+            if all(value is None for value in values):
+                return None  # e.g. a cell ending in print(): no Out, as %%px
             return values
         return self._per_submms(dispatcher, cell, args)
 

@@ -26,7 +26,7 @@ import sys
 import types
 from typing import Any
 
-from casa_kernel import display, engine
+from casa_kernel import engine, progress
 from casa_kernel.casa import tasks
 from casa_kernel.dispatch import Dispatcher, Job
 from casa_kernel.errors import ClusterError
@@ -89,7 +89,7 @@ class MPICommandClient:
         return cls._instance
 
     def start_services(self) -> None:
-        _cluster().wait_ready(progress=display.progress)
+        progress.wait_ready(_cluster())
 
     def set_log_mode(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -127,7 +127,9 @@ class MPICommandClient:
         self, command_request_id_list: list[int], block: bool = True, verbose: bool = True
     ) -> list[dict[str, Any]]:
         requests = [self._requests.pop(i) for i in command_request_id_list]
-        dispatcher = Dispatcher(_cluster())
+        tasknames = sorted({r[2][:-2] for r in requests})
+        dispatcher = Dispatcher(_cluster(), title=", ".join(tasknames) or "CASA task")
+        dispatcher.unit = "sub-MS"
         outcomes = dispatcher.collect([r[0] for r in requests], [r[1] for r in requests])
         responses = []
         for request_id, (_job, _handle, command, params), outcome in zip(
