@@ -15,6 +15,7 @@ names the servers still busy.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -89,7 +90,8 @@ class Dispatcher:
         """Run ``code`` on every server; return values in rank order."""
         self.cluster.wait_ready()
         ranks = range(self.cluster.config.nservers)
-        args = (code,)  # one tuple for all: submitted as one DirectView apply
+        # one tuple for all: submitted as one DirectView apply
+        args = (code, None, os.getcwd())
         jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
         self.unit, self.show_after = "servers", SPMD_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
@@ -103,7 +105,8 @@ class Dispatcher:
         self, code: str, submms: list[str], vis: str, timeout: float | None = None
     ) -> SubMSResults:
         """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
-        jobs = [Job(path, engine.run_cell, (code, {"vis": path})) for path in submms]
+        cwd = os.getcwd()
+        jobs = [Job(path, engine.run_cell, (code, {"vis": path}, cwd)) for path in submms]
         self.unit, self.show_after = "sub-MS", 0.0
         outcomes = self.execute(jobs, timeout)
         result = SubMSResults(vis=vis)

@@ -65,16 +65,36 @@ def _transform(code: str) -> str:
     return code
 
 
-def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
+def follow_cwd(cwd: str | None) -> None:
+    """Work in the kernel's working directory, so relative paths in a cell mean
+    the same on the kernel and on the servers (mpicasa's imager helper also
+    moves its servers to the client's cwd). A folder this host does not have
+    is said once and the server stays where it is."""
+    if not cwd or cwd == _state.get("cwd"):
+        return
+    _state["cwd"] = cwd
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        print(
+            f"casa-kernel: {where()} cannot follow the kernel to {cwd} ({exc.strerror}); "
+            f"it works in {os.getcwd()}",
+            file=sys.stderr,
+        )
+
+
+def run_cell(code: str, bindings: dict[str, Any] | None = None, cwd: str | None = None) -> Any:
     """Run ``code`` in the server's namespace; return its last expression's value.
 
-    ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells).
-    The cell is registered with linecache so remote tracebacks show its lines.
+    ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells),
+    in the kernel's working directory ``cwd``. The cell is registered with
+    linecache so remote tracebacks show its lines.
     """
     if "rank" not in _state:
         # A load-balanced job can reach a new server (after a recovery) before
         # the client's setup call does.
         setup_server()
+    follow_cwd(cwd)
     ns = _user_ns()
     if bindings:
         ns.update(bindings)
@@ -115,10 +135,12 @@ def _compiled(code: str) -> tuple[Any, Any]:
     return compiled
 
 
-def run_casa_task(taskname: str, parameters: dict[str, Any]) -> Any:
+def run_casa_task(taskname: str, parameters: dict[str, Any], cwd: str | None = None) -> Any:
     """Run one casatasks task on this server, as casampi's server does for
     ``push_command_request('<task>()', parameters=...)``, without eval."""
     from casa_kernel.casa.tasks import _casatasks
+
+    follow_cwd(cwd)
 
     task = getattr(_casatasks(), taskname, None)
     if task is None or not callable(task):

@@ -7,13 +7,16 @@ the dispatcher.
 
 from __future__ import annotations
 
+import keyword
 import os
+import shlex
 import socket
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from casa_kernel import display
 from casa_kernel.cluster import ClusterSession
@@ -69,7 +72,7 @@ class CasaMagics(Magics):
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
             return None
-        args = parse_argstring(self.casa_cluster, line)
+        args = _parse(self.casa_cluster, line)
         try:
             if args.action == "status":
                 return self._status()
@@ -154,9 +157,9 @@ class CasaMagics(Magics):
         if _wants_help(line):
             print(self.casa_parallel.__doc__)
             return None
-        args = parse_argstring(self.casa_parallel, line)
-        if args.out is not None and not args.out.isidentifier():
-            raise UsageError(f"--out {args.out!r} is not a valid variable name")
+        args = _parse(self.casa_parallel, line)
+        if args.out is not None:
+            _check_out(args.out)
         try:
             cluster = self.session.require()
             wait_ready(cluster)
@@ -180,6 +183,11 @@ class CasaMagics(Magics):
             return values
         return self._per_submms(dispatcher, cell, args)
 
+    # magic_arguments writes the usage line with one %: a cell magic has two.
+    casa_parallel.__doc__ = (casa_parallel.__doc__ or "").replace(
+        "%casa_parallel [", "%%casa_parallel [", 1
+    )
+
     def _per_submms(self, dispatcher: Dispatcher, cell: str, args: Any) -> Any:
         from casa_kernel.casa.merge import merge_results
         from casa_kernel.casa.mms import list_submms
@@ -197,6 +205,30 @@ class CasaMagics(Magics):
         if result.failures:
             raise RemoteError(result.failures, results=result.per_submms)
         return result.merged
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """The magic's arguments from its line, split as a shell would: a quoted path
+    may hold spaces (``--vis "/data/my obs.mms"``)."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:  # "No closing quotation"
+        raise UsageError(f"cannot read the line {line!r}: {exc}") from None
+    return magic.parser.parse_args(argv)
+
+
+def _check_out(name: str) -> None:
+    """--out must be a variable name; a CASA task's name is taken, with a warning."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"--out {name!r} is not a valid variable name")
+    from casa_kernel.casa.tasks import task_names
+
+    if name in task_names():
+        print(
+            f"casa-kernel: warning: --out {name} hides the CASA task {name}() in this notebook",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _wants_help(line: str) -> bool:

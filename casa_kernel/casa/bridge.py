@@ -22,6 +22,7 @@ form ``'<task>()'`` with a parameters dict, and the response fields
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import types
 from typing import Any
@@ -112,9 +113,9 @@ class MPICommandClient:
             target = target_server - 1
         elif isinstance(target_server, list) and len(target_server) == 1:
             target = target_server[0] - 1
-        job = Job(
-            str(params.get("vis", taskname)), engine.run_casa_task, (taskname, params), target
-        )
+        # the servers work in the kernel's folder: relative outputs land together
+        args = (taskname, params, os.getcwd())
+        job = Job(str(params.get("vis", taskname)), engine.run_casa_task, args, target)
         dispatcher = Dispatcher(_cluster())
         (handle,) = dispatcher.submit([job])
         request_id = next(self._ids)
