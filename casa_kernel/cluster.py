@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +67,12 @@ FORWARDED_ENV = (
     "CASA_KERNEL_LOG_DIR",
     "IPP_CONNECTION_INFO",
 )
+
+
+def server_command(preload_casa: bool) -> list[str]:
+    """The program mpiexec starts for each server (pure, for tests)."""
+    command = [sys.executable, "-m", "casa_kernel.server"]
+    return command + (["--casa-preload"] if preload_casa else [])
 
 
 def running_as_root() -> bool:
@@ -332,6 +339,8 @@ class CasaCluster:
         launcher_config.mpi_cmd = [self.config.mpiexec]
         launcher_config.mpi_args = mpiexec_args(placement, hostfile, self.config.extra_mpi_args)
         launcher_config.environment = env
+        # Servers run casa_kernel.server: an ipyparallel engine that loads CASA at start.
+        launcher_config.engine_cmd = server_command(self.config.preload_casa)
         cluster.config.LocalControllerLauncher.environment = env
         self._ipp_cluster = cluster
 

@@ -296,11 +296,9 @@ class Progress:
             )
             if self.message:
                 head += f" <i>({html.escape(self.message)})</i>"
-        rows = []
-        for r in self.rows:
-            share = f"{100.0 * r.busy / self.elapsed:.0f}%" if self.elapsed > 0 else ""
-            share = share if self.shares else ""
-            rows.append(
+        if self.shares:
+            columns = ["rank", "host", "state", "running", "elapsed", "done", "busy"]
+            rows = [
                 [
                     str(r.rank),
                     html.escape(r.host),
@@ -308,10 +306,16 @@ class Progress:
                     html.escape(r.work),
                     _seconds(r.elapsed),
                     str(r.jobs),
-                    share,
+                    f"{100.0 * r.busy / self.elapsed:.0f}%" if self.elapsed > 0 else "",
                 ]
-            )
-        columns = ["rank", "host", "state", "running", "elapsed", "done", "busy"]
+                for r in self.rows
+            ]
+        else:  # no work to share out (a cluster start): where each server is
+            columns = ["rank", "host", "state", "pid"]
+            rows = [
+                [str(r.rank), html.escape(r.host), _state_html(r.state), str(r.pid or "")]
+                for r in self.rows
+            ]
         table = _html_table(columns, rows) if rows else ""
         return f'<div class="casa-kernel-progress"><div>{head}</div>{table}</div>'
 
@@ -325,6 +329,7 @@ class StartProgress:
         self.view = Progress(
             "starting the CASA cluster", len(placement.servers), "servers", show_after
         )
+        self.view.shares = False  # a start has no work to share out
         self.waited = False  # called at all: the cluster was not ready yet
 
     def __call__(self, message: str) -> None:

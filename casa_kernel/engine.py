@@ -169,3 +169,16 @@ def memory() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def preload_casa() -> None:
+    """Import casatasks (run in a thread by casa_kernel.server at start-up).
+
+    A failure is only logged: the first task then imports CASA and shows the error.
+    """
+    try:
+        from casa_kernel.casa.tasks import preload
+
+        preload()
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        print(f"casa-kernel: loading CASA on this server failed: {exc!r}", file=sys.stderr)

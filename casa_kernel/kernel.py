@@ -9,7 +9,9 @@ cluster completely; a watchdog process ends it if the kernel is killed.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -21,6 +23,15 @@ from casa_kernel.magics import CasaMagics
 from casa_kernel.watchdog import Watchdog
 
 log = logging.getLogger("casa_kernel")
+
+PRELOAD_JOIN_TIMEOUT = 60.0  # s: CASA's import takes 2-5 s, more on a loaded machine
+
+
+def _preload(tasks: Any) -> None:
+    try:
+        tasks.preload()
+    except Exception as exc:  # the first task call imports again and shows the error
+        log.error("casa-kernel: loading CASA in the background failed: %r", exc)
 
 
 class CasaKernel(IPythonKernel):
@@ -63,8 +74,36 @@ class CasaKernel(IPythonKernel):
             # Kept by the session and raised in the notebook by the first
             # command that needs servers; the kernel itself still starts.
             log.error("casa-kernel: cluster not started: %s", exc)
+        self._preload = self._start_preload()
+
+    def _start_preload(self) -> threading.Thread | None:
+        """Import CASA in a background thread, so the first task call does not pay
+        for it and the prompt is free meanwhile (a cell that calls a task waits
+        on Python's import lock until the import is done).
+
+        Not before this point: casatasks' parallel helpers read the bridge when
+        they are imported. ``tasks.preload`` imports numpy before casatools, which
+        is what keeps this thread from deadlocking against the cluster thread's
+        imports (the earlier attempt's hang; see its docstring).
+        """
+        from casa_kernel.casa import tasks
+        from casa_kernel.config import ENV_PRELOAD, env_flag
+
+        try:
+            if not env_flag(os.environ, ENV_PRELOAD, default=True):
+                return None
+        except CasaKernelError as exc:
+            log.error("casa-kernel: %s", exc)
+            return None
+        thread = threading.Thread(target=_preload, args=(tasks,), name="casa-preload", daemon=True)
+        thread.start()
+        return thread
 
     def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+        # A daemon thread stopped mid-import at exit can leave the import lock
+        # held for the exit handlers: let the import finish first.
+        if self._preload is not None:
+            self._preload.join(timeout=PRELOAD_JOIN_TIMEOUT)
         try:
             self.cluster_session.close()
         except Exception as exc:

@@ -179,3 +179,17 @@ def test_a_replacement_is_validated_again(tmp_path):
         config.replace(mpiexec="/no/such/mpiexec")
     with pytest.raises(ClusterError, match="'-1'"):
         ClusterConfig.from_env({"CASA_KERNEL_START_TIMEOUT": "-1"})
+
+
+def test_preload_setting_and_server_command(tmp_path):
+    from casa_kernel.cluster import server_command
+
+    assert ClusterConfig.from_env({}).preload_casa is True
+    config = ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "0"})
+    assert config.preload_casa is False
+    assert config.replace(nprocs=4).preload_casa is False  # survives a restart
+    assert ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": " Yes "}).preload_casa is True
+    with pytest.raises(ClusterError, match="CASA_KERNEL_PRELOAD='maybe'"):
+        ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "maybe"})
+    assert server_command(True)[1:] == ["-m", "casa_kernel.server", "--casa-preload"]
+    assert server_command(False)[1:] == ["-m", "casa_kernel.server"]

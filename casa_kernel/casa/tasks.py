@@ -55,6 +55,28 @@ def _casatasks() -> Any:
     return module
 
 
+def preload() -> None:
+    """Import casatasks (and casatools under it) now, so the first task call does
+    not pay for it. Runs in a background thread (kernel.py, server.py).
+
+    numpy first, and fully: casatools' C++ static initialisers (casacore's numpy
+    converters, ``table_getcoliter.cc``) import numpy from INSIDE ``dlopen``, i.e.
+    holding the dynamic loader's lock. If numpy is not imported yet, that runs
+    Python code, which hands the GIL to other threads; the first of them to load
+    any extension module (the cluster thread importing ipyparallel, a cell's
+    ``import scipy``, mpi4py's MPI_Init) then waits for the loader lock while
+    holding the GIL, and both threads wait forever (seen with py-spy: the kernel
+    hung in ``dlopen`` of ``pyexpat`` vs casatools' ``_image.so``). With numpy
+    already in ``sys.modules`` the initialisers only look it up, GIL held.
+    """
+    import numpy  # noqa: F401
+
+    _casatasks()
+    # the modules casatasks' parallel layer is made of (they read the bridge)
+    importlib.import_module("casatasks.private.parallel.parallel_task_helper")
+    importlib.import_module("casatasks.private.parallel.parallel_data_helper")
+
+
 def task_names() -> list[str]:
     """casatasks' task names, without importing casatasks (each has an XML)."""
     spec = importlib.util.find_spec("casatasks")
