@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -67,12 +66,6 @@ FORWARDED_ENV = (
     "CASA_KERNEL_LOG_DIR",
     "IPP_CONNECTION_INFO",
 )
-
-
-def server_command(preload_casa: bool) -> list[str]:
-    """The program mpiexec starts for each server (pure, for tests)."""
-    command = [sys.executable, "-m", "casa_kernel.server"]
-    return command + (["--casa-preload"] if preload_casa else [])
 
 
 def running_as_root() -> bool:
@@ -339,8 +332,6 @@ class CasaCluster:
         launcher_config.mpi_cmd = [self.config.mpiexec]
         launcher_config.mpi_args = mpiexec_args(placement, hostfile, self.config.extra_mpi_args)
         launcher_config.environment = env
-        # Servers run casa_kernel.server: an ipyparallel engine that loads CASA at start.
-        launcher_config.engine_cmd = server_command(self.config.preload_casa)
         cluster.config.LocalControllerLauncher.environment = env
         self._ipp_cluster = cluster
 
@@ -362,7 +353,8 @@ class CasaCluster:
         from casa_kernel import engine
 
         ids = sorted(client.ids)
-        ar = client[ids].apply_async(engine.setup_server)
+        # with preload_casa each server starts loading CASA once it is set up
+        ar = client[ids].apply_async(engine.setup_server, self.config.preload_casa)
         infos = await asyncio.wrap_future(ar)
         # keyed by engine id; engine ids need not equal ranks after a recovery
         self.servers = {

@@ -11,6 +11,7 @@ import ast
 import linecache
 import os
 import sys
+import threading
 from typing import Any
 
 _state: dict[str, Any] = {}
@@ -25,9 +26,14 @@ def _user_ns() -> dict[str, Any]:
     return shell.user_ns
 
 
-def setup_server() -> tuple[int, str, int]:
+def setup_server(preload_casa: bool = False) -> tuple[int, str, int]:
     """Bind ``rank``, ``size``, ``comm`` and ``MPI`` in the server's namespace.
 
+    With ``preload_casa`` a background thread starts importing CASA, as mpicasa's
+    servers do at launch, so the first task does not pay ~4 s for it; cells run
+    meanwhile (one that needs CASA waits on Python's import lock). Started here,
+    after registration, not at process start: a thread importing casatools holds
+    the GIL for long stretches and delayed a server's registration by ~5 s.
     Returns (rank, host, pid) so the client knows where each server runs.
     """
     from mpi4py import MPI
@@ -48,6 +54,14 @@ def setup_server() -> tuple[int, str, int]:
         # read from its current end: what CASA logs from now on is relayed.
         _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank()))
     _state.update(rank=comm.Get_rank(), host=host)
+    if preload_casa and "preload" not in _state:
+        # MPI is initialised by now (the engine's --mpi), so casatools finds the
+        # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
+        # casa_kernel.casa.tasks._casatasks imports numpy first (a deadlock otherwise).
+        _state["preload"] = threading.Thread(
+            target=preload_casa_now, name="casa-preload", daemon=True
+        )
+        _state["preload"].start()
     return comm.Get_rank(), host, os.getpid()
 
 
@@ -171,8 +185,8 @@ def memory() -> int:
     return psutil.Process().memory_info().rss
 
 
-def preload_casa() -> None:
-    """Import casatasks (run in a thread by casa_kernel.server at start-up).
+def preload_casa_now() -> None:
+    """Import casatasks (in a thread started by :func:`setup_server`).
 
     A failure is only logged: the first task then imports CASA and shows the error.
     """

@@ -66,7 +66,12 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
             reply.traceback = "\n".join(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+    while True:
+        # wait_for_ready() may have sent several kernel_info requests to a kernel
+        # slow to start: their late replies are not this request's
+        shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+        if shell["parent_header"].get("msg_id") == msg_id:
+            break
     reply.status = shell["content"]["status"]
     return reply
 

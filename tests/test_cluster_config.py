@@ -181,9 +181,7 @@ def test_a_replacement_is_validated_again(tmp_path):
         ClusterConfig.from_env({"CASA_KERNEL_START_TIMEOUT": "-1"})
 
 
-def test_preload_setting_and_server_command(tmp_path):
-    from casa_kernel.cluster import server_command
-
+def test_preload_setting(tmp_path):
     assert ClusterConfig.from_env({}).preload_casa is True
     config = ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "0"})
     assert config.preload_casa is False
@@ -191,5 +189,3 @@ def test_preload_setting_and_server_command(tmp_path):
     assert ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": " Yes "}).preload_casa is True
     with pytest.raises(ClusterError, match="CASA_KERNEL_PRELOAD='maybe'"):
         ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "maybe"})
-    assert server_command(True)[1:] == ["-m", "casa_kernel.server", "--casa-preload"]
-    assert server_command(False)[1:] == ["-m", "casa_kernel.server"]

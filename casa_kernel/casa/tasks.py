@@ -67,7 +67,7 @@ def _casatasks() -> Any:
 
 def preload() -> None:
     """Import casatasks (and casatools under it) now, so the first task call does
-    not pay for it. Runs in a background thread (kernel.py, server.py).
+    not pay for it. Runs in a background thread (kernel.py, engine.setup_server).
 
     Safe in a thread: :func:`_casatasks` imports numpy before casatools.
     """
