@@ -221,6 +221,8 @@ class Progress:
         force: bool = False,
     ) -> None:
         self.rows, self.done, self.elapsed, self.message = rows, done, elapsed, message
+        if self.total == 0:
+            return  # nothing to run, nothing to show
         if self._handle is None and elapsed < self.show_after and not force:
             return
         now = time.monotonic()
@@ -251,8 +253,8 @@ class Progress:
             + (f"; busy: {busy}" if busy else "")
             + (f"; {message}" if message else "")
         )
-        if self._handle is None and wall < self.show_after:
-            return  # quick work: no display at all
+        if self._handle is None and (wall < self.show_after or self.total == 0):
+            return  # quick work (or none): no display at all
         self._publish(time.monotonic())
 
     def _publish(self, now: float) -> None:

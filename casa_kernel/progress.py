@@ -122,13 +122,16 @@ class Tracker:
 
 def wait_ready(cluster: Any) -> Any:
     """Wait for the servers, showing the start as one live display; the client."""
+    if cluster.state == "running":
+        return cluster.client  # the common case: nothing to wait for, nothing to show
     view = StartProgress(cluster.config.placement)
     try:
         client = cluster.wait_ready(progress=view)
     except CasaKernelError:
         view.finish([], ok=False)
         raise
-    view.finish(cluster.status())
+    if view.waited:
+        view.finish(cluster.status())
     return client
 
 
