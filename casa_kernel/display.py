@@ -212,6 +212,17 @@ class Progress:
 
     # -- updating ----------------------------------------------------------------
 
+    @property
+    def shown(self) -> bool:
+        """Has the display been put in the notebook?"""
+        return self._handle is not None
+
+    def due(self, elapsed: float) -> bool:
+        """Would :meth:`update` show anything now? (so callers can skip building rows)"""
+        if self.total == 0 or (self._handle is None and elapsed < self.show_after):
+            return False
+        return time.monotonic() - self._shown_at >= self.min_interval
+
     def update(
         self,
         rows: list[ServerRow],

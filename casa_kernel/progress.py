@@ -70,11 +70,15 @@ class Tracker:
                 self._seen[i] = (eid, now)
             if handle.ready():
                 self._finish_job(i, eid, md, now)
-        self.view.update(self._rows(now), len(self._finished), now - self.t0)
+        if self.view.due(now - self.t0):  # rows only when they will be shown
+            self.view.update(self._rows(now), len(self._finished), now - self.t0)
 
     def finish(self, handles: Sequence[Any], message: str = "") -> None:
         """Final state and the summary line (wall time, each server's busy share)."""
         now = time.monotonic()
+        if not self.view.shown and now - self.t0 < self.view.show_after:
+            self._current.clear()
+            return  # quick work: never shown, nothing to sum up
         for i, handle in enumerate(handles):
             eid = handle.metadata.get("engine_id")
             if i not in self._finished and eid is not None and handle.ready():
