@@ -40,7 +40,8 @@ class CasaMagics(Magics):
         default="status",
         choices=["start", "stop", "restart", "status"],
         help="start: launch the servers; stop: end them; restart: stop then start "
-        "(with new -n/--hostfile if given); status: each server's rank, host, pid, state, current work, memory",
+        "(only what -n/--hostfile/--mpiexec name changes); status: each server's rank, "
+        "host, pid, state, current work, memory",
     )
     @argument(
         "-n",
