@@ -42,6 +42,12 @@ _bdv = _bcl.client[:]
 _blv = _bcl.client.load_balanced_view()
 def _bnoop(): return None
 def _bnoop1(x): return None
+# CASA loads at start in the kernel and on the servers (CASA_KERNEL_PRELOAD):
+# let that finish before timing anything (an import waits on the import lock).
+import casatasks
+def _bload():
+    import casatasks
+_bdv.apply_sync(_bload)
 """
 
 INSIDE = """

@@ -143,7 +143,7 @@ def start_timeline() -> dict[str, float]:
     import ipyparallel as ipp
 
     from casa_kernel import servers
-    from casa_kernel.cluster import ClusterConfig
+    from casa_kernel.config import ClusterConfig
     from casa_kernel.lifecycle import CasaCluster
 
     marks: dict[str, float] = {}

@@ -25,7 +25,7 @@ TARGET = 0.50
 
 
 def run(mib: float, repeats: int) -> dict[str, Any]:
-    from casa_kernel.cluster import ClusterConfig
+    from casa_kernel.config import ClusterConfig
     from casa_kernel.dispatch import Dispatcher
     from casa_kernel.lifecycle import CasaCluster
 

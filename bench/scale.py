@@ -33,7 +33,7 @@ from p3_start import mpiexec_floor
 
 
 def casa_kernel_at(n: int, repeats: int, profile: bool) -> dict[str, Any]:
-    from casa_kernel.cluster import ClusterConfig
+    from casa_kernel.config import ClusterConfig
     from casa_kernel.dispatch import Dispatcher
     from casa_kernel.lifecycle import CasaCluster
 

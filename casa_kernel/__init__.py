@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CasaKernel": "casa_kernel.kernel",
     "CasaCluster": "casa_kernel.lifecycle",
-    "ClusterConfig": "casa_kernel.cluster",
+    "ClusterConfig": "casa_kernel.config",
     "Dispatcher": "casa_kernel.dispatch",
     "simulate_ms": "casa_kernel.demo",
 }

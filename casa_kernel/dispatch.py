@@ -19,6 +19,7 @@ functions, tested by tables.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ from casa_kernel.jobs import (
     shared_apply,
 )
 from casa_kernel.lifecycle import CasaCluster
+from casa_kernel.progress import Tracker
 
 # Upper bound on the time between two relays of servers' output.
 OUTPUT_INTERVAL = 0.05
@@ -44,21 +46,37 @@ OUTPUT_INTERVAL = 0.05
 OUTPUT_GRACE = 5.0
 # How many times one call replaces dead servers before giving up.
 MAX_RECOVERIES = 2
+# An SPMD cell shows its live table only when it runs longer than this: a quick
+# cell should not flash a display.
+SPMD_SHOW_AFTER = 1.0
+# A per-sub-MS cell's table appears after this: each update of a display costs
+# ~3 ms (ipykernel flushes the streams first), which a 15 ms cell would feel.
+SUBMMS_SHOW_AFTER = 0.25
 
 
 class Dispatcher:
-    def __init__(self, cluster: CasaCluster, printer: StreamPrinter | None = None):
+    def __init__(
+        self,
+        cluster: CasaCluster,
+        printer: StreamPrinter | None = None,
+        title: str = "casa_parallel",
+    ):
         self.cluster = cluster
         self.printer = printer or StreamPrinter()
         self._seen: dict[tuple[str, str], int] = {}  # (msg_id, stream) -> chars relayed
         self._known: dict[int, Any] = {}  # every server seen, so dead ones keep a name
         self.interrupts = Interrupts(cluster, self._names)
+        self.title = title  # names the operation in its live progress display
+        self.unit = "jobs"
+        self.show_after = 0.0
 
     def spmd(self, code: str, timeout: float | None = None) -> list[Any]:
         """Run ``code`` on every server; return values in rank order."""
         ranks = range(self.cluster.config.nservers)
-        args = (code,)  # one tuple for all: submitted as one DirectView apply
+        # one tuple for all: submitted as one DirectView apply
+        args = (code, None, os.getcwd())
         jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
+        self.unit, self.show_after = "servers", SPMD_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
         failures = [o.failure for o in outcomes if o.failure]
         values = [o.value for o in outcomes]
@@ -70,7 +88,9 @@ class Dispatcher:
         self, code: str, submms: list[str], vis: str, timeout: float | None = None
     ) -> SubMSResults:
         """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
-        jobs = [Job(path, engine.run_cell, (code, {"vis": path})) for path in submms]
+        cwd = os.getcwd()
+        jobs = [Job(path, engine.run_cell, (code, {"vis": path}, cwd)) for path in submms]
+        self.unit, self.show_after = "sub-MS", SUBMMS_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
         result = SubMSResults(vis=vis)
         for outcome in outcomes:
@@ -103,10 +123,15 @@ class Dispatcher:
         handles = list(submitted)
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout
+        tracker = Tracker(
+            self.cluster, [job.label for job in jobs], self.title, self.unit, self.show_after
+        )
+        tracker.poll(handles)
+        finished = False
         recoveries = stale_reruns = 0
         try:
             while True:
-                self._wait(handles, timeout, deadline)
+                self._wait(handles, timeout, deadline, tracker)
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
                 lost = [i for i, h in enumerate(handles) if is_lost(h.kind(), h.engine_id(), world)]
                 if not lost:
@@ -131,6 +156,7 @@ class Dispatcher:
                     break
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost], deadline)):
                     handles[i] = handle
+            finished = True
         finally:
             # A result can arrive before the last of its output (other socket).
             for ar in _unique(handles):
@@ -138,6 +164,10 @@ class Dispatcher:
                     ar.wait_for_output(OUTPUT_GRACE)
             self._relay(handles)
             self.printer.flush()
+            failed = sum(1 for h in handles if h.ready() and h.failed())
+            words = [] if finished else ["stopped"]
+            words += [f"{failed} failed"] if failed else []
+            tracker.finish(handles, ", ".join(words))
         return [self._outcome(job, h) for job, h in zip(jobs, handles)]
 
     def submit(self, jobs: list[Job], deadline: float | None = None) -> list[Handle]:
@@ -168,9 +198,9 @@ class Dispatcher:
         return [h for h in handles if h is not None]
 
     def _ready(self) -> Any:
-        from casa_kernel.display import progress
+        from casa_kernel.progress import wait_ready
 
-        client = self.cluster.wait_ready(progress=progress)
+        client = wait_ready(self.cluster)
         self._known.update(self.cluster.servers)
         for notice in self.cluster.take_notices():
             say(notice)
@@ -184,13 +214,21 @@ class Dispatcher:
 
     # -- waiting, never stuck ---------------------------------------------
 
-    def _wait(self, handles: list[Handle], timeout: float | None, deadline: float | None) -> None:
+    def _wait(
+        self,
+        handles: list[Handle],
+        timeout: float | None,
+        deadline: float | None,
+        tracker: Tracker | None = None,
+    ) -> None:
         """Until every job is done, a server died, the timeout or Ctrl-C."""
         pending = [ar for ar in _unique(handles) if not ar.ready()]
         try:
             while pending:
                 pending[0].wait(OUTPUT_INTERVAL)
                 self._relay(handles)
+                if tracker is not None:
+                    tracker.poll(handles)
                 if self._world_lost(handles):
                     return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]

@@ -11,6 +11,7 @@ import ast
 import linecache
 import os
 import sys
+import threading
 from typing import Any
 
 _state: dict[str, Any] = {}
@@ -25,9 +26,14 @@ def _user_ns() -> dict[str, Any]:
     return shell.user_ns
 
 
-def setup_server() -> tuple[int, str, int]:
+def setup_server(preload_casa: bool = False) -> tuple[int, str, int]:
     """Bind ``rank``, ``size``, ``comm`` and ``MPI`` in the server's namespace.
 
+    With ``preload_casa`` a background thread starts importing CASA, as mpicasa's
+    servers do at launch, so the first task does not pay ~4 s for it; cells run
+    meanwhile (one that needs CASA waits on Python's import lock). Started here,
+    after registration, not at process start: a thread importing casatools holds
+    the GIL for long stretches and delayed a server's registration by ~5 s.
     Returns (rank, host, pid) so the client knows where each server runs.
     """
     from mpi4py import MPI
@@ -49,6 +55,14 @@ def setup_server() -> tuple[int, str, int]:
         tag = os.environ.get(LOG_TAG_VAR)
         _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
     _state.update(rank=comm.Get_rank(), host=host)
+    if preload_casa and "preload" not in _state:
+        # MPI is initialised by now (the engine's --mpi), so casatools finds the
+        # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
+        # casa_kernel.casa.tasks._casatasks imports numpy first (a deadlock otherwise).
+        _state["preload"] = threading.Thread(
+            target=preload_casa_now, name="casa-preload", daemon=True
+        )
+        _state["preload"].start()
     return comm.Get_rank(), host, os.getpid()
 
 
@@ -66,16 +80,36 @@ def _transform(code: str) -> str:
     return code
 
 
-def run_cell(code: str, bindings: dict[str, Any] | None = None) -> Any:
+def follow_cwd(cwd: str | None) -> None:
+    """Work in the kernel's working directory, so relative paths in a cell mean
+    the same on the kernel and on the servers (mpicasa's imager helper also
+    moves its servers to the client's cwd). A folder this host does not have
+    is said once and the server stays where it is."""
+    if not cwd or cwd == _state.get("cwd"):
+        return
+    _state["cwd"] = cwd
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        print(
+            f"casa-kernel: {where()} cannot follow the kernel to {cwd} ({exc.strerror}); "
+            f"it works in {os.getcwd()}",
+            file=sys.stderr,
+        )
+
+
+def run_cell(code: str, bindings: dict[str, Any] | None = None, cwd: str | None = None) -> Any:
     """Run ``code`` in the server's namespace; return its last expression's value.
 
-    ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells).
-    The cell is registered with linecache so remote tracebacks show its lines.
+    ``bindings`` are set in the namespace first (``vis`` for per-sub-MS cells),
+    in the kernel's working directory ``cwd``. The cell is registered with
+    linecache so remote tracebacks show its lines.
     """
     if "rank" not in _state:
         # A load-balanced job can reach a new server (after a recovery) before
         # the client's setup call does.
         setup_server()
+    follow_cwd(cwd)
     ns = _user_ns()
     if bindings:
         ns.update(bindings)
@@ -116,7 +150,9 @@ def _compiled(code: str) -> tuple[Any, Any]:
     return compiled
 
 
-def run_casa_task(taskname: str, parameters: dict[str, Any], token: str | None = None) -> Any:
+def run_casa_task(
+    taskname: str, parameters: dict[str, Any], token: str | None = None, cwd: str | None = None
+) -> Any:
     """Run one casatasks task on this server, as casampi's server does for
     ``push_command_request('<task>()', parameters=...)``, without eval.
 
@@ -127,6 +163,8 @@ def run_casa_task(taskname: str, parameters: dict[str, Any], token: str | None =
     """
     from casa_kernel.casa.rerun import run_guarded
     from casa_kernel.casa.tasks import _casatasks
+
+    follow_cwd(cwd)
 
     task = getattr(_casatasks(), taskname, None)
     if task is None or not callable(task):
@@ -151,3 +189,23 @@ def _relay_casa_log() -> None:
             # reaches the notebook (or is a benign empty selection)
             if "raised an exception of class" not in line:
                 print(line, file=sys.stderr)
+
+
+def memory() -> int:
+    """This server's resident set size in bytes (``%casa_cluster status``)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def preload_casa_now() -> None:
+    """Import casatasks (in a thread started by :func:`setup_server`).
+
+    A failure is only logged: the first task then imports CASA and shows the error.
+    """
+    try:
+        from casa_kernel.casa.tasks import preload
+
+        preload()
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        print(f"casa-kernel: loading CASA on this server failed: {exc!r}", file=sys.stderr)

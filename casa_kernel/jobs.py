@@ -67,6 +67,13 @@ class Handle:
     def done(self, client: Any) -> bool:
         return self.msg_id not in client.outstanding
 
+    def ready(self) -> bool:
+        return self.ar.ready()
+
+    def failed(self) -> bool:
+        """Finished with an exception (call only when ready)."""
+        return self.kind() not in (None, "ok")
+
     def value(self) -> Any:
         """The job's value; its exception is raised."""
         if not self.multi:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -22,6 +23,15 @@ from casa_kernel.session import ClusterSession
 from casa_kernel.watchdog import Watchdog
 
 log = logging.getLogger("casa_kernel")
+
+PRELOAD_JOIN_TIMEOUT = 60.0  # s: CASA's import takes 2-5 s, more on a loaded machine
+
+
+def _preload(tasks: Any) -> None:
+    try:
+        tasks.preload()
+    except Exception as exc:  # the first task call imports again and shows the error
+        log.error("casa-kernel: loading CASA in the background failed: %r", exc)
 
 
 class CasaKernel(IPythonKernel):
@@ -47,6 +57,12 @@ class CasaKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
+        # Before any other thread exists: every later load of casatools, in any
+        # thread (the preload, a cell's `import casatasks`), then finds numpy
+        # imported, which its static initialisers need to avoid a deadlock
+        # (see casa_kernel.casa.tasks._casatasks).
+        import numpy  # noqa: F401
+
         from casa_kernel.casa import bridge, config, tasks
 
         # log files of this kernel only: casa-<host>-kernel<pid>-client/rank<R>.log
@@ -66,8 +82,54 @@ class CasaKernel(IPythonKernel):
             # Kept by the session and raised in the notebook by the first
             # command that needs servers; the kernel itself still starts.
             log.error("casa-kernel: cluster not started: %s", exc)
+        self._preload: threading.Thread | None = None
+        self._preload_lock = threading.Lock()
+        if self._preload_wanted():
+            # Begins once the first cell ran or the servers are up, whichever is
+            # first: the kernel's start and first answer do not share the CPU
+            # with CASA's import (~2 CPU-s).
+            self.shell.events.register("post_run_cell", self._begin_preload)
+            cluster = self.cluster_session.cluster
+            if cluster is not None and str(cluster.state) == "starting":
+                # start() while starting hands back the running start's future
+                cluster.start().add_done_callback(self._begin_preload)
+            else:
+                self._begin_preload()
+
+    def _preload_wanted(self) -> bool:
+        from casa_kernel.config import ENV_PRELOAD, env_flag
+
+        try:
+            return env_flag(os.environ, ENV_PRELOAD, default=True)
+        except CasaKernelError as exc:
+            log.error("casa-kernel: %s", exc)
+            return False
+
+    def _begin_preload(self, *_: Any) -> None:
+        """Import CASA in a background thread, so the first task call does not pay
+        for it and the prompt is free meanwhile (a cell that calls a task waits
+        on Python's import lock until the import is done). Idempotent.
+
+        Not before this point: casatasks' parallel helpers read the bridge when
+        they are imported. ``tasks.preload`` imports numpy before casatools, which
+        is what keeps this thread from deadlocking against the cluster thread's
+        imports (the earlier attempt's hang; see its docstring).
+        """
+        from casa_kernel.casa import tasks
+
+        with self._preload_lock:
+            if self._preload is not None:
+                return
+            self._preload = threading.Thread(
+                target=_preload, args=(tasks,), name="casa-preload", daemon=True
+            )
+            self._preload.start()
 
     def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+        # A daemon thread stopped mid-import at exit can leave the import lock
+        # held for the exit handlers: let the import finish first.
+        if self._preload is not None:
+            self._preload.join(timeout=PRELOAD_JOIN_TIMEOUT)
         try:
             self.cluster_session.close()
         except Exception as exc:

@@ -4,7 +4,7 @@ The assets (a ``kernel.json`` template and the logos) live in the project's
 root ``kernelspec/`` directory, shipped as the package
 ``casa_kernel.kernelspec_files``. The cluster configuration travels in the
 kernelspec's ``env``, which the kernel reads at start (see
-:meth:`casa_kernel.cluster.ClusterConfig.from_env`):
+:meth:`casa_kernel.config.ClusterConfig.from_env`):
 
 ``CASA_KERNEL_NPROCS``
     N, the total process count *including the client*, as ``mpicasa -n N``.
@@ -28,21 +28,16 @@ import tempfile
 from importlib import resources
 from typing import Any
 
+from casa_kernel.config import DEFAULT_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS
 from casa_kernel.errors import CasaKernelError
 from casa_kernel.hostfile import place, read_hostfile
 
 KERNEL_NAME = "casa-mpi"
 DISPLAY_NAME = "CASA (MPI)"
 
-# Names shared with casa_kernel.cluster (the reader). Not imported from there:
-# that module pulls in ipyparallel, and `casa-kernel install` should stay quick.
-ENV_NPROCS = "CASA_KERNEL_NPROCS"
-ENV_HOSTFILE = "CASA_KERNEL_HOSTFILE"
-ENV_MPIEXEC = "CASA_KERNEL_MPIEXEC"
+# The reader of these variables is casa_kernel.config.ClusterConfig.from_env
+# (light: it imports neither ipyparallel nor CASA).
 CLUSTER_ENV_KEYS = (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC)
-
-#: N when neither a process count nor a hostfile is given: 1 client + 2 servers.
-DEFAULT_NPROCS = 3
 
 ASSETS_PACKAGE = "casa_kernel.kernelspec_files"
 LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
@@ -66,7 +61,7 @@ def _template() -> dict[str, Any]:
 def _resolve_mpiexec(mpiexec: str) -> str:
     """Absolute path of an executable ``mpiexec``, as the kernel will resolve it.
 
-    A bare name is looked up on PATH (like ``cluster.find_mpiexec``); anything
+    A bare name is looked up on PATH (like ``config.find_mpiexec``); anything
     with a separator is a path. Recording the absolute path matters because a
     kernel started by JupyterHub neither shares this cwd nor this PATH.
     """

@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from casa_kernel import servers
-from casa_kernel.cluster import ENV_OWNER, ClusterConfig
+from casa_kernel.config import ENV_OWNER, ClusterConfig
 from casa_kernel.errors import ClusterError
 from casa_kernel.janitor import Janitor
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 import keyword
 import math
 import os
+import shlex
 import socket
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from casa_kernel import display
-from casa_kernel.cluster import ClusterConfig
+from casa_kernel.config import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
+from casa_kernel.progress import status_rows, wait_ready
 from casa_kernel.session import ClusterSession
 
 
@@ -38,7 +41,8 @@ class CasaMagics(Magics):
         default="status",
         choices=["start", "stop", "restart", "status"],
         help="start: launch the servers; stop: end them; restart: stop then start "
-        "(with new -n/--hostfile if given); status: each server's rank, host, pid, state",
+        "(only what -n/--hostfile/--mpiexec name changes); status: each server's rank, "
+        "host, pid, state, current work, memory",
     )
     @argument(
         "-n",
@@ -90,29 +94,35 @@ class CasaMagics(Magics):
             if args.action == "restart":
                 self.session.stop()
             cluster = self.session.start(config)
-            cluster.wait_ready(progress=display.progress)
+            wait_ready(cluster)
             return self._status()
         except CasaKernelError as exc:
             raise UsageError(str(exc)) from None
 
     def _config(self, args: Any) -> ClusterConfig | None:
-        if args.nprocs is None and args.hostfile is None and args.mpiexec is None:
-            current = self.session.cluster
-            return current.config if current is not None else None
-        return ClusterConfig.from_options(
-            nprocs=args.nprocs,
-            hostfile=os.path.abspath(args.hostfile) if args.hostfile else None,
-            mpiexec=args.mpiexec,
-            oversubscribe=args.oversubscribe or None,  # None: CASA_KERNEL_OVERSUBSCRIBE
-        )
+        """The configuration to (re)start with: the current one (or the kernelspec's)
+        with only the settings this line names replaced."""
+        overrides: dict[str, Any] = {}
+        if args.nprocs is not None:
+            overrides["nprocs"] = args.nprocs
+        if args.hostfile is not None:
+            overrides["hostfile"] = os.path.abspath(os.path.expanduser(args.hostfile))
+        if args.mpiexec is not None:
+            overrides["mpiexec"] = args.mpiexec
+        if args.oversubscribe:  # (else the kernelspec's CASA_KERNEL_OVERSUBSCRIBE)
+            overrides["oversubscribe"] = True
+        current = self.session.cluster
+        if current is not None:
+            return current.config.replace(**overrides) if overrides else current.config
+        return ClusterConfig.from_env(**overrides) if overrides else None
 
     def _status(self) -> display.StatusTable:
         # Waits only for a first start (it has a deadline); never for servers
         # being replaced or stuck: status answers at once whatever they do.
         cluster = self.session.require()
         if str(cluster.state) == "starting":
-            cluster.wait_ready(progress=display.progress)
-        rows = cluster.status()  # may start replacing dead servers: state after it
+            wait_ready(cluster)
+        rows = status_rows(cluster)  # may start replacing dead servers: state after it
         placement = cluster.config.placement
         source = placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
@@ -163,16 +173,19 @@ class CasaMagics(Magics):
             print(self.casa_parallel.__doc__)
             return None
         args = _parse(self.casa_parallel, line)
-        if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
-            raise UsageError(f"--out {args.out!r} is not a valid variable name")
+        if args.out is not None:
+            _check_out(args.out)
         if args.timeout is not None and not 0 < args.timeout < math.inf:
             raise UsageError(f"--timeout {args.timeout!r}: give a number of seconds above 0")
         try:
             cluster = self.session.require()
-            cluster.wait_ready(progress=display.progress)
+            wait_ready(cluster)
         except CasaKernelError as exc:
             raise UsageError(str(exc)) from None
-        dispatcher = Dispatcher(cluster)
+        title = "%%casa_parallel"
+        if args.vis is not None:
+            title += f" --vis {os.path.basename(os.path.normpath(args.vis))}"
+        dispatcher = Dispatcher(cluster, title=title)
         if args.vis is None:
             try:
                 values = dispatcher.spmd(cell, timeout=args.timeout)
@@ -182,8 +195,15 @@ class CasaMagics(Magics):
                 raise
             if args.out:
                 self.shell.user_ns[args.out] = values
+            if all(value is None for value in values):
+                return None  # e.g. a cell ending in print(): no Out, as %%px
             return values
         return self._per_submms(dispatcher, cell, args)
+
+    # magic_arguments writes the usage line with one %: a cell magic has two.
+    casa_parallel.__doc__ = (casa_parallel.__doc__ or "").replace(
+        "%casa_parallel [", "%%casa_parallel [", 1
+    )
 
     def _per_submms(self, dispatcher: Dispatcher, cell: str, args: Any) -> Any:
         from casa_kernel.casa.merge import merge_results
@@ -205,11 +225,27 @@ class CasaMagics(Magics):
 
 
 def _parse(magic: Any, line: str) -> Any:
-    """parse_argstring, with a line shlex cannot split (an open quote) a UsageError."""
+    """The magic's arguments from its line, split as a shell would: a quoted path
+    may hold spaces (``--vis "/data/my obs.mms"``)."""
     try:
-        return parse_argstring(magic, line)
-    except ValueError as exc:
-        raise UsageError(f"cannot read the options {line.strip()!r}: {exc}") from None
+        argv = shlex.split(line)
+    except ValueError as exc:  # "No closing quotation"
+        raise UsageError(f"cannot read the line {line!r}: {exc}") from None
+    return magic.parser.parse_args(argv)
+
+
+def _check_out(name: str) -> None:
+    """--out must be a variable name; a CASA task's name is taken, with a warning."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"--out {name!r} is not a valid variable name")
+    from casa_kernel.casa.tasks import task_names
+
+    if name in task_names():
+        print(
+            f"casa-kernel: warning: --out {name} hides the CASA task {name}() in this notebook",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _wants_help(line: str) -> bool:

@@ -94,7 +94,7 @@ class EngineSet:
         from casa_kernel import engine
 
         c = self.cluster
-        ar = client[sorted(client.ids)].apply_async(engine.setup_server)
+        ar = client[sorted(client.ids)].apply_async(engine.setup_server, c.config.preload_casa)
         infos = await asyncio.wrap_future(ar)
         # keyed by engine id; engine ids need not equal ranks after a replacement
         c.servers = {

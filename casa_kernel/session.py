@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from casa_kernel.cluster import ClusterConfig
+from casa_kernel.config import ClusterConfig
 from casa_kernel.errors import ClusterError
 from casa_kernel.lifecycle import CasaCluster, State
 

@@ -29,6 +29,12 @@ class Reply:
     ename: str | None = None
     evalue: str | None = None
     traceback: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)  # every IOPub message
+
+    def display_messages(self) -> list[tuple[str, dict[str, Any]]]:
+        """(msg_type, content) of display_data and update_display_data, in order."""
+        kinds = ("display_data", "update_display_data")
+        return [(m["msg_type"], m["content"]) for m in self.messages if m["msg_type"] in kinds]
 
     @property
     def error(self) -> str:
@@ -45,6 +51,7 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         kind, content = msg["msg_type"], msg["content"]
+        reply.messages.append({"msg_type": kind, "content": content})
         if kind == "stream":
             if content["name"] == "stdout":
                 reply.stdout += content["text"]
@@ -59,7 +66,9 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
             reply.traceback = "\n".join(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    while True:  # skip stale replies (wait_for_ready may leave kernel_info ones)
+    while True:
+        # wait_for_ready() may have sent several kernel_info requests to a kernel
+        # slow to start: their late replies are not this request's
         shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
         if shell["parent_header"].get("msg_id") == msg_id:
             break

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,10 @@ CLI_TIMEOUT = 120.0  # s, `casa-kernel install`
 SHUTDOWN_TIMEOUT = 60.0  # s, kernel DELETE, JupyterLab SIGTERM, cluster gone
 
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+# Long enough (2 x 1.5 s per server) for the live table to be seen while it runs.
+PROGRESS_CELL = """%%casa_parallel --vis "my obs.mms"
+import time; time.sleep(1.5)
+flagdata(vis=vis, mode='summary')"""
 PROMPT_DONE = re.compile(r"^\s*\[\d+\]:\s*$")  # "[ ]:" before, "[*]:" while running
 
 
@@ -269,8 +274,9 @@ def outputs(cell: Any) -> list[str]:
 
 
 @pytest.mark.timeout(300)  # a backstop: a normal run takes ~20 s
-def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
-    """Launcher tile -> kernel idle -> ``rank`` on both servers -> status -> clean shutdown."""
+def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path, tiny_mms: str) -> None:
+    """Launcher tile -> kernel idle -> ``rank`` on both servers -> status -> a Multi-MS
+    cell whose live progress table is seen while it runs -> clean shutdown."""
     sync_playwright = require_browser_tools()
     from playwright.sync_api import expect
 
@@ -278,9 +284,11 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     workdir = tmp_path / "notebooks"
     workdir.mkdir()
+    shutil.copytree(tiny_mms, workdir / "my obs.mms", symlinks=True)
     env = sandbox_env(tmp_path, prefix)
     install_kernelspec(prefix, env)
     screenshot = tmp_path / "jupyterlab.png"
+    running_shot = tmp_path / "jupyterlab-progress-running.png"
     pid: int | None = None
 
     try:
@@ -318,7 +326,7 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
                 table = cell.locator(".jp-OutputArea-output table")
                 expect(table).to_be_visible()
                 head = [t.strip() for t in table.locator("thead th").all_inner_texts()]
-                assert head == ["rank", "host", "pid", "state"], f"the cell shows {outputs(cell)}"
+                assert head == ["rank", "host", "pid", "state", "work", "memory"], outputs(cell)
                 rows = [
                     [t.strip() for t in row.locator("td").all_inner_texts()]
                     for row in table.locator("tbody tr").all()
@@ -329,6 +337,24 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
                 # The table tells the truth: its pids are this kernel's servers.
                 cluster_pids = {p.pid for p in cluster_processes(pid)}
                 assert {int(r[2]) for r in rows} <= cluster_pids, f"{rows} vs {cluster_pids}"
+                assert all(r[5].endswith("MiB") for r in rows), f"rows: {rows}"
+
+                # A long per-sub-MS cell: its live table is on the page while it runs.
+                cell = page.locator(f"{NOTEBOOK} .jp-CodeCell").nth(2)
+                type_code(page, cell, PROGRESS_CELL)
+                page.keyboard.press("Shift+Enter")
+                live = cell.locator(".casa-kernel-progress")
+                expect(live.locator("span", has_text="busy").first).to_be_visible()
+                assert "sub-MS done" in live.inner_text(), live.inner_text()
+                page.screenshot(path=str(running_shot))
+                expect(cell.locator(".jp-InputArea-prompt")).to_have_text(
+                    PROMPT_DONE, timeout=UI_TIMEOUT_MS
+                )
+                # ONE display, now the summary (not one output per update)
+                assert live.count() == 1
+                summary = live.inner_text()
+                assert re.search(r"4/4 sub-MS in [\d.]+ s; busy: rank 0@", summary), summary
+                assert any("flagged" in text for text in outputs(cell)), outputs(cell)
 
                 page.screenshot(path=str(screenshot))
             except BaseException:
@@ -356,4 +382,4 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path) -> None:
                     proc.kill()
 
     elapsed = time.monotonic() - started
-    print(f"browser test: {elapsed:.1f} s; screenshot {screenshot}")
+    print(f"browser test: {elapsed:.1f} s; screenshots {running_shot} {screenshot}")

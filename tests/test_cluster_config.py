@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from casa_kernel.cluster import ClusterConfig, find_mpiexec
+from casa_kernel.config import ClusterConfig, find_mpiexec
 from casa_kernel.errors import ClusterError, HostfileError, PlacementError
 from casa_kernel.hostfile import parse_hostfile, place
 from casa_kernel.launcher import LaunchSpec, death_cause, mpi_environment, mpiexec_command
@@ -156,3 +156,81 @@ def test_find_mpiexec_refuses_a_file_that_is_not_executable(tmp_path):
 )
 def test_death_cause_reads_prterun(output, expected):
     assert death_cause(output, {0: "vm", 1: "vm"}) == expected
+
+
+# ---------------------------------------------------------------- one configuration room
+
+
+def _full_env(tmp_path, **extra: str) -> dict[str, str]:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=5\n")
+    env = {
+        "CASA_KERNEL_HOSTFILE": str(hostfile),
+        "CASA_KERNEL_NPROCS": "4",
+        "CASA_KERNEL_MPI_ARGS": "--mca btl_tcp_if_include lo",
+        "CASA_KERNEL_START_TIMEOUT": "45",
+        "CASA_KERNEL_CONTROLLER_LOCATION": "head-node",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    "attribute, expected",
+    [
+        ("extra_mpi_args", ("--mca", "btl_tcp_if_include", "lo")),
+        ("start_timeout", 45.0),
+        ("controller_location", "head-node"),
+    ],
+)
+def test_each_setting_survives_a_new_n(tmp_path, attribute, expected):
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    assert config.nservers == 3
+    restarted = config.replace(nprocs=3)
+    assert restarted.nservers == 2
+    assert getattr(restarted, attribute) == expected
+    assert restarted.placement.hostfile == str(tmp_path / "hosts")
+    assert restarted.mpiexec == config.mpiexec
+
+
+def test_from_env_overrides_replace_only_what_they_name(tmp_path):
+    env = _full_env(tmp_path)
+    config = ClusterConfig.from_env(env, nprocs=2)
+    assert config.nservers == 1
+    assert config.placement.hostfile == str(tmp_path / "hosts")
+    assert config.extra_mpi_args == ("--mca", "btl_tcp_if_include", "lo")
+    assert config.start_timeout == 45.0
+    assert config.controller_location == "head-node"
+    # an overridden variable is not even read: a bad N cannot stop `start -n 3`
+    assert ClusterConfig.from_env({"CASA_KERNEL_NPROCS": "four"}, nprocs=3).nservers == 2
+
+
+def test_a_new_hostfile_without_n_fills_its_slots(tmp_path):
+    other = tmp_path / "other"
+    other.write_text("localhost slots=3\n")
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    assert config.replace(hostfile=str(other)).nservers == 2
+    assert ClusterConfig.from_env(_full_env(tmp_path), hostfile=str(other)).nservers == 2
+    # ... and without a hostfile at all the default N applies again
+    assert config.replace(hostfile=None).placement.hostfile is None
+    assert config.replace(hostfile=None).nservers == 2
+
+
+def test_a_replacement_is_validated_again(tmp_path):
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    with pytest.raises(PlacementError, match="N=7"):
+        config.replace(nprocs=7)  # 5 slots
+    with pytest.raises(ClusterError, match="/no/such/mpiexec"):
+        config.replace(mpiexec="/no/such/mpiexec")
+    with pytest.raises(ClusterError, match="'-1'"):
+        ClusterConfig.from_env({"CASA_KERNEL_START_TIMEOUT": "-1"})
+
+
+def test_preload_setting(tmp_path):
+    assert ClusterConfig.from_env({}).preload_casa is True
+    config = ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "0"})
+    assert config.preload_casa is False
+    assert config.replace(nprocs=4).preload_casa is False  # survives a restart
+    assert ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": " Yes "}).preload_casa is True
+    with pytest.raises(ClusterError, match="CASA_KERNEL_PRELOAD='maybe'"):
+        ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "maybe"})

@@ -606,9 +606,9 @@ def test_hostfile_is_not_capped_per_local_core_but_has_a_ceiling():
 
 
 def test_cluster_config_refuses_before_launching(monkeypatch):
-    from casa_kernel.cluster import ClusterConfig
+    from casa_kernel.config import ClusterConfig
 
-    monkeypatch.setattr("casa_kernel.cluster.local_cores", lambda: 2)
+    monkeypatch.setattr("casa_kernel.config.local_cores", lambda: 2)
     with pytest.raises(PlacementError, match="9999 servers"):
         ClusterConfig.from_env({"CASA_KERNEL_NPROCS": "10000"})
     forced = {"CASA_KERNEL_NPROCS": "100", "CASA_KERNEL_OVERSUBSCRIBE": "1"}

@@ -125,6 +125,45 @@ def test_magic_restart_with_new_n_and_stop():
         assert reply.status == "error" and "N=1" in reply.error
 
 
+def test_restart_with_new_n_keeps_every_kernelspec_setting(tmp_path):
+    """`%casa_cluster restart -n N` changes N only: the kernelspec's hostfile, extra
+    mpiexec arguments, start timeout and controller location stay, and the new
+    mpiexec really runs with those arguments."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=4\n")
+    env = kernel_env(
+        CASA_KERNEL_HOSTFILE=str(hostfile),
+        CASA_KERNEL_MPI_ARGS="--mca btl_tcp_if_include lo",
+        CASA_KERNEL_START_TIMEOUT="45",
+        CASA_KERNEL_CONTROLLER_LOCATION="head-node",
+    )
+    show = (
+        "c = casa_cluster.cluster.config\n"
+        "print(repr((c.placement.hostfile, c.nservers, c.extra_mpi_args, "
+        "c.start_timeout, c.controller_location)))"
+    )
+    with running_kernel(env) as (km, kc):
+        assert execute(kc, "%%casa_parallel\nsize").result == "[3, 3, 3]"
+        reply = execute(kc, "%casa_cluster restart -n 3")
+        assert reply.status == "ok", reply.traceback
+        assert execute(kc, "%%casa_parallel\nsize").result == "[2, 2]"
+        values = ast.literal_eval(execute(kc, show).stdout.strip())
+        assert values == (
+            str(hostfile),
+            2,
+            ("--mca", "btl_tcp_if_include", "lo"),
+            45.0,
+            "head-node",
+        )
+        launchers = [
+            p.cmdline() for p in cluster_processes(kernel_pid(km)) if "--hostfile" in p.cmdline()
+        ]
+        assert launchers and all("btl_tcp_if_include" in cmd for cmd in launchers), launchers
+        # and once more with no option at all: the same configuration again
+        assert execute(kc, "%casa_cluster restart").status == "ok"
+        assert ast.literal_eval(execute(kc, show).stdout.strip()) == values
+
+
 def test_magic_help_is_the_usage_text():
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
         reply = execute(kc, "%casa_cluster --help")

@@ -247,8 +247,8 @@ def test_install_sys_prefix_uses_sys_prefix(
 
 
 def test_spec_env_is_what_the_kernel_reads(tmp_path: Path) -> None:
-    """The contract with casa_kernel.cluster: its reader accepts what install writes."""
-    from casa_kernel.cluster import ClusterConfig
+    """The contract with casa_kernel.config: its reader accepts what install writes."""
+    from casa_kernel.config import ClusterConfig
 
     hosts = write_hostfile(tmp_path / "hosts.txt")
     mpiexec = fake_mpiexec(tmp_path / "bin" / "mpiexec")

@@ -103,9 +103,9 @@ def run_driver(workdir: Path, nprocs: str | None) -> dict[str, Any]:
 
 
 def status_rows(text: str) -> tuple[str, list[list[str]]]:
-    """Title and (rank, host, pid, state) rows of ``%casa_cluster status``."""
+    """Title and (rank, host, pid, state, work, memory...) rows of ``%casa_cluster status``."""
     lines = text.strip("'\"").splitlines()
-    assert lines[1].split() == ["rank", "host", "pid", "state"], text
+    assert lines[1].split() == ["rank", "host", "pid", "state", "work", "memory"], text
     return lines[0], [line.split() for line in lines[2:]]
 
 

@@ -22,12 +22,13 @@ form ``'<task>()'`` with a parameters dict, and the response fields
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import types
 import uuid
 from typing import Any
 
-from casa_kernel import display, engine
+from casa_kernel import engine, progress
 from casa_kernel.casa import rerun, tasks
 from casa_kernel.dispatch import Dispatcher, Job
 from casa_kernel.errors import ClusterError
@@ -90,7 +91,7 @@ class MPICommandClient:
         return cls._instance
 
     def start_services(self) -> None:
-        _cluster().wait_ready(progress=display.progress)
+        progress.wait_ready(_cluster())
 
     def set_log_mode(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -114,10 +115,11 @@ class MPICommandClient:
         elif isinstance(target_server, list) and len(target_server) == 1:
             target = target_server[0] - 1
         # One token per call, the same for its re-runs: the server keeps what an
-        # exact re-run of an in-place task needs under it (casa/rerun.py).
+        # exact re-run of an in-place task needs under it (casa/rerun.py). The
+        # servers work in the kernel's folder: relative outputs land together.
         token = uuid.uuid4().hex
         label = str(params.get("vis", taskname))
-        job = Job(label, engine.run_casa_task, (taskname, params, token), target)
+        job = Job(label, engine.run_casa_task, (taskname, params, token, os.getcwd()), target)
         dispatcher = Dispatcher(_cluster())
         (handle,) = dispatcher.submit([job])
         request_id = next(self._ids)
@@ -130,7 +132,9 @@ class MPICommandClient:
         self, command_request_id_list: list[int], block: bool = True, verbose: bool = True
     ) -> list[dict[str, Any]]:
         requests = [self._requests.pop(i) for i in command_request_id_list]
-        dispatcher = Dispatcher(_cluster())
+        tasknames = sorted({r[2][:-2] for r in requests})
+        dispatcher = Dispatcher(_cluster(), title=", ".join(tasknames) or "CASA task")
+        dispatcher.unit = "sub-MS"
         try:
             outcomes = dispatcher.collect([r[0] for r in requests], [r[1] for r in requests])
         finally:

