@@ -46,7 +46,8 @@ class CasaKernel(IPythonKernel):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        from casa_kernel.casa import bridge, config, tasks
+        from casa_kernel import bridge
+        from casa_kernel.casa import config, tasks
 
         env = config.casa_environment(config.default_log_dir())
         config.apply_to_process(env)
