@@ -85,7 +85,9 @@ def assert_products_equal(root: Path, serial: str, parallel: str) -> None:
     names = {os.path.basename(p)[len(serial) :] for p in glob.glob(str(root / serial) + ".*")}
     assert {".image", ".residual", ".psf", ".pb", ".sumwt"} <= names, names
     theirs = {os.path.basename(p)[len(parallel) :] for p in glob.glob(str(root / parallel) + ".*")}
-    assert theirs == names
+    # CASA's parallel imager keeps the summed weight grid for restarts (briggs,
+    # uniform): <name>.gridwt_temp, as under mpicasa; serial has no such file
+    assert theirs - {".gridwt_temp"} == names
     image_peak = float(np.abs(_pixels(str(root / (serial + ".image")))).max())
     for ext in sorted(names & set(PRODUCTS)):
         a, b = _pixels(str(root / (serial + ext))), _pixels(str(root / (parallel + ext)))
