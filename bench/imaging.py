@@ -19,6 +19,7 @@ product of the kernel's images is compared with serial's (max |diff| / peak).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ def _child(spec: dict[str, Any]) -> None:
     os.chdir(spec["cwd"])
     tclean(vis=spec["vis"], imagename=f"warm-{os.getpid()}", **WARMUP)
     for name, params in spec["calls"]:
-        shutil.rmtree(name + ".image", ignore_errors=True)
+        for path in glob.glob(name + ".*"):  # else tclean restarts from them
+            shutil.rmtree(path, ignore_errors=True)
         t0 = time.time()
         tclean(vis=spec["vis"], imagename=name, **params)
         print(MARK + json.dumps({"name": name, "start": t0, "end": time.time()}), flush=True)
@@ -91,12 +93,51 @@ def _max_rel_diff(root: Path, serial: str, other: str) -> float:
     return worst
 
 
+def _mpicasa(root: Path, calls: dict[str, Any]) -> dict[str, list[float]]:
+    """The same tclean calls by casampi's client under ``mpiexec -n 3``."""
+    import mpicasa_env
+    from common import BENCH, mpi_env, mpiexec_cmd
+
+    mpicasa_env.ensure()
+    for name in calls:
+        for p in root.glob(f"{name}.*"):
+            shutil.rmtree(p, ignore_errors=True)
+    result = root / "mpicasa-result.json"
+    spec = {
+        "repeats": 1,  # its script cleans only after a repeat: a 2nd would restart
+        "reset": ["tclean", dict(WARMUP, vis="obs.ms", imagename="mw")],
+        "steps": [[n, "tclean", dict(c, vis="obs.ms", imagename=n), []] for n, c in calls.items()],
+        "result": str(result),
+    }
+    spec_path = root / "mpicasa-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = mpi_env()
+    env["PATH"] = str(mpicasa_env.VENV / "bin") + os.pathsep + env["PATH"]
+    cmd = mpiexec_cmd(
+        3,
+        mpicasa_env.python(),
+        str(BENCH / "mpicasa_script.py"),
+        str(spec_path),
+        mpiexec=mpicasa_env.mpiexec(),
+    )
+    log("mpicasa:", " ".join(cmd))
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    (OUT / "imaging-mpicasa-output.txt").write_text(out.stdout + out.stderr)
+    if not result.exists():
+        raise RuntimeError(
+            f"mpicasa failed (rc {out.returncode}): bench/out/imaging-mpicasa-output.txt"
+        )
+    res = json.loads(result.read_text())
+    return res["times"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nchan", type=int, default=24)
     ap.add_argument("--imsize", type=int, default=256)
     ap.add_argument("--niter", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--mpicasa", action="store_true", help="also casampi under mpiexec -n 3")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -178,8 +219,19 @@ def main() -> None:
                 times.setdefault(name, []).append(t)
                 log(f"{name}: {t:.1f} s")
 
+    if args.mpicasa:
+        calls = {"m_mfs": dict(mfs, parallel=True), "m_cube": cube, "m_cube0": cube0}
+        for name, values in _mpicasa(root, calls).items():
+            times[name] = values
+
+    extra_rows: list[list[Any]] = []
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     diffs = {k: _max_rel_diff(root, f"s_{k}", f"k_{k}") for k in ("mfs", "cube", "cube0")}
+    if args.mpicasa:
+        for k in ("mfs", "cube", "cube0"):
+            diffs[f"m_{k}"] = _max_rel_diff(root, f"s_{k}", f"m_{k}")
+            rows_m = [f"{k} mpicasa", med[f"m_{k}"], med[f"s_{k}"] / med[f"m_{k}"], diffs[f"m_{k}"]]
+            extra_rows.append(rows_m)
     rows = [
         ["mfs serial", med["s_mfs"], "", ""],
         ["mfs casa-kernel parallel=True", med["k_mfs"], med["s_mfs"] / med["k_mfs"], diffs["mfs"]],
@@ -208,7 +260,14 @@ def main() -> None:
         f"\nMS: 12 antennas, 2 spw x {args.nchan} ch; image {args.imsize}^2, niter "
         f"{args.niter}; medians of {args.repeat}\n"
     )
-    print(markdown_table(["call", "wall s", "speed-up vs serial", "max |diff|/peak"], rows))
+    print(
+        markdown_table(
+            ["call", "wall s", "speed-up vs serial", "max |diff|/peak"], rows + extra_rows
+        )
+    )
+    if args.mpicasa:
+        for k in ("mfs", "cube", "cube0"):
+            print(f"{k}: casa-kernel / mpicasa time = {fmt(med[f'k_{k}'] / med[f'm_{k}'])}")
     print(
         f"\ncube (niter=0) casa-kernel vs 2-process limit: "
         f"{fmt(med['limit_cube0'] / med['k_cube0'])} (target >= 0.90); "
