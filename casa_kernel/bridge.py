@@ -94,6 +94,12 @@ CPP_PARALLEL_TASKS = {
 }
 
 _session: Any = None  # the kernel's ClusterSession
+_serial_call = False  # a call that must not see the servers (see _serially)
+# CASA's C++ cube parallelism with ONE worker (2 servers: client + 1) was slower
+# than serial and gave an edge channel serial leaves blank (sumwt 132 vs 0,
+# bench/imaging.py); with 2 workers it was bit-equal, like mpicasa's. Below
+# this many servers, cubes run serially in the kernel.
+MIN_CUBE_SERVERS = 3
 
 
 # -- casampi numbering ---------------------------------------------------------
@@ -134,7 +140,7 @@ class _EnvironmentMeta(type):
     def is_mpi_enabled(cls) -> bool:
         # Parallel exactly while a cluster is starting or running: one notebook,
         # both ways (no cluster: casatasks runs the same call serially).
-        return _active()
+        return _active() and not _serial_call
 
     @property
     def mpi_world_size(cls) -> int:
@@ -449,14 +455,37 @@ def _route_imaging(name: str) -> Any:
                 params["parallel"] = False
             return task(**params)
         with _complete_or_absent(params.get("imagename")):
-            if _goes_cpp_parallel(name, params) and _cluster().config.nservers > 1:
-                return run_cpp_parallel(name, params)
+            if _goes_cpp_parallel(name, params):
+                nservers = _cluster().config.nservers
+                if nservers >= MIN_CUBE_SERVERS:
+                    return run_cpp_parallel(name, params)
+                _say(
+                    f"{name}: runs serially in the kernel: CASA's C++ cube parallelism needs "
+                    f"{MIN_CUBE_SERVERS} servers (a client and 2 workers), there are {nservers}"
+                )
+                with _serially():
+                    return task(**params)
             if name == "tclean" and params.get("parallel"):
                 _answer_polls_at_once()
                 _share_cores()
+                _say(
+                    f"{name}: gridding on {_labels(range(_cluster().config.nservers))}; "
+                    "minor cycle in the kernel"
+                )
             return task(**params)
 
     return route
+
+
+@contextlib.contextmanager
+def _serially() -> Any:
+    """casatasks sees no MPI during this call (as in plain serial CASA)."""
+    global _serial_call
+    _serial_call = True
+    try:
+        yield
+    finally:
+        _serial_call = False
 
 
 def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
@@ -476,6 +505,16 @@ def _answer_polls_at_once() -> None:
         import time
 
         helper.time = types.SimpleNamespace(sleep=lambda seconds: None, time=time.time)
+
+
+def _labels(ranks: Any) -> str:
+    by_rank = {info.rank: info.host for info in _cluster().servers.values()}
+    return ", ".join(display.server_label(r, by_rank.get(r)) for r in ranks)
+
+
+def _say(text: str) -> None:
+    """Which servers do what, as the call starts (the notebook's progress line)."""
+    print(f"casa-kernel: {text}", file=sys.stderr, flush=True)
 
 
 def _servers_per_host() -> dict[int, int]:
@@ -517,6 +556,10 @@ def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
     cwd = os.getcwd()
     nservers = cluster.config.nservers
     _share_cores()
+    _say(
+        f"{name}: CASA's cube client on {_labels([0])}, channels gridded by "
+        f"{_labels(range(1, nservers))}"
+    )
     client = Job(f"{name} (C++ parallel client)", cpp_client, (name, params, cwd), target=0)
     worker_args = (cwd,)
     workers = [

@@ -20,6 +20,7 @@ import pytest
 from kernels import execute, kernel_env, running_kernel
 
 PRODUCTS = (".image", ".residual", ".model", ".psf", ".pb", ".sumwt", ".mask")
+LAST: dict[str, object] = {}  # the kernel's last reply (progress lines in its stderr)
 DIFFS: dict[str, dict[str, float]] = {}  # per case and product, printed by -s
 COMMON = dict(imsize=64, cell="16arcsec", gridder="standard", threshold="0mJy")
 
@@ -35,7 +36,8 @@ def root(tmp_path_factory, casa_env):
 
 @pytest.fixture(scope="module")
 def kernel(root):
-    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(root)) as (km, kc):
+    # 3 servers: CASA's C++ cube parallelism needs a client and 2 workers
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="4"), cwd=str(root)) as (km, kc):
         reply = execute(kc, "%casa_cluster status")
         assert reply.status == "ok", reply.error
         yield kc
@@ -63,6 +65,7 @@ def _in_kernel(kc, imagename: str, **params) -> dict:
         timeout=300,
     )
     assert reply.status == "ok", reply.error + reply.traceback
+    LAST["reply"] = reply
     import base64
     import pickle
 
@@ -81,7 +84,9 @@ def _pixels(path: str) -> np.ndarray:
         ia.close()
 
 
-def assert_products_equal(root: Path, serial: str, parallel: str) -> None:
+def assert_products_equal(
+    root: Path, serial: str, parallel: str, mask_pixels_may_differ: float = 0.0
+) -> None:
     names = {os.path.basename(p)[len(serial) :] for p in glob.glob(str(root / serial) + ".*")}
     assert {".image", ".residual", ".psf", ".pb", ".sumwt"} <= names, names
     theirs = {os.path.basename(p)[len(parallel) :] for p in glob.glob(str(root / parallel) + ".*")}
@@ -89,6 +94,7 @@ def assert_products_equal(root: Path, serial: str, parallel: str) -> None:
     # uniform): <name>.gridwt_temp, as under mpicasa; serial has no such file
     assert theirs - {".gridwt_temp"} == names
     image_peak = float(np.abs(_pixels(str(root / (serial + ".image")))).max())
+    bad: list[str] = []
     for ext in sorted(names & set(PRODUCTS)):
         a, b = _pixels(str(root / (serial + ext))), _pixels(str(root / (parallel + ext)))
         assert a.shape == b.shape, ext
@@ -98,8 +104,13 @@ def assert_products_equal(root: Path, serial: str, parallel: str) -> None:
         peak = max(image_peak if ext in (".residual", ".model") else own, 1e-12)
         worst = float(np.abs(a.astype(float) - b.astype(float)).max())
         DIFFS.setdefault(parallel, {})[ext] = worst / peak
-        print(f"{parallel}{ext}: max |diff| / peak = {worst / peak:.2e}")
-        assert worst <= 1e-3 * peak, f"{ext}: max |diff| {worst:g} > 1e-3 x peak {peak:g}"
+        n = int((np.abs(a.astype(float) - b.astype(float)) > 1e-3 * peak).sum())
+        print(f"{parallel}{ext}: max |diff| / peak = {worst / peak:.2e} ({n} pixels over)")
+        if ext == ".mask" and n <= mask_pixels_may_differ * a.size:
+            continue
+        if worst > 1e-3 * peak:
+            bad.append(f"{ext}: max |diff| {worst:g} > 1e-3 x peak {peak:g} at {n} pixels")
+    assert not bad, bad
 
 
 def assert_returns_equal(serial, parallel, scale: float, path: str = "ret") -> None:
@@ -123,10 +134,10 @@ def assert_returns_equal(serial, parallel, scale: float, path: str = "ret") -> N
         assert serial == parallel, path
 
 
-def _case(root, kernel, name, **params):
+def _case(root, kernel, name, mask_pixels_may_differ=0.0, **params):
     serial = _serial(root, f"s_{name}", **COMMON, **params)
     parallel = _in_kernel(kernel, f"p_{name}", **COMMON, **params)
-    assert_products_equal(root, f"s_{name}", f"p_{name}")
+    assert_products_equal(root, f"s_{name}", f"p_{name}", mask_pixels_may_differ)
     scale = float(np.abs(_pixels(str(root / f"s_{name}.image"))).max())
     assert_returns_equal(serial, parallel, scale)
     return serial, parallel
@@ -137,9 +148,11 @@ def test_mfs_parallel_hogbom_natural_equals_serial(root, kernel):
         root, kernel, "mfs", specmode="mfs", niter=60, parallel=True, weighting="natural"
     )
     assert serial["iterdone"] > 0
-    # it ran on the servers: CASA's parallel imager made (and removed) its work folder
-    log = execute(kernel, "print(sorted(os.listdir('.')))").stdout
-    assert "p_mfs.workdirectory" not in log
+    assert re.search(r"gridding on rank 0@\S+, rank 1@\S+, rank 2@\S+", LAST["reply"].stderr)
+    # CASA's parallel imager removed its servers' work folder (the partial images)
+    listing = execute(kernel, "import os; print(sorted(os.listdir('.')))").stdout
+    assert "p_mfs.image" in listing
+    assert "p_mfs.workdirectory" not in listing
 
 
 def test_mfs_parallel_multiscale_briggs_user_mask_equals_serial(root, kernel):
@@ -170,6 +183,7 @@ def test_mfs_parallel_restart_without_psf_equals_serial(root, kernel):
 def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_dir):
     serial, _ = _case(root, kernel, "cube", specmode="cube", spw="0", niter=60, weighting="natural")
     assert serial["iterdone"] > 0
+    assert "cube client on rank 0@" in LAST["reply"].stderr
     # rank 1 served CASA's C++ cube client (initmpi renames its log origin)
     logs = "".join(p.read_text(errors="replace") for p in casa_log_dir.glob("*rank1*.log"))
     assert "MPIServer-1" in logs
@@ -188,6 +202,10 @@ def test_cube_auto_multithresh_briggs_equals_serial(root, kernel):
         usemask="auto-multithresh",
         sidelobethreshold=1.5,
         noisethreshold=3.0,
+        # CASA's C++ cube path leaves a final .mask differing from serial's in 13
+        # of 32768 pixels here; mpicasa's (casampi, mpiexec -n 3) differs in the
+        # same 13; image, residual and model are bit-equal
+        mask_pixels_may_differ=1e-3,
     )
     assert serial["iterdone"] > 0
 
@@ -201,6 +219,13 @@ def test_failure_leaves_no_image_and_names_rank_and_host(root, kernel):
     assert re.search(r"rank 0 on \S+", reply.evalue), reply.evalue
     assert "channels of bad" in reply.evalue
     assert not glob.glob(str(root / "bad.*"))
+
+
+def test_cube_on_two_servers_runs_serially_in_the_kernel_equal_to_serial(root, kernel):
+    reply = execute(kernel, "%casa_cluster restart -n 3")
+    assert reply.status == "ok", reply.error
+    _case(root, kernel, "c2", specmode="cube", spw="0", niter=30)
+    assert "runs serially in the kernel" in LAST["reply"].stderr
 
 
 def test_parallel_without_servers_runs_serially_with_a_note(root, kernel):
