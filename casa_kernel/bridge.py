@@ -560,7 +560,12 @@ def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
         f"{name}: CASA's cube client on {_labels([0])}, channels gridded by "
         f"{_labels(range(1, nservers))}"
     )
-    client = Job(f"{name} (C++ parallel client)", cpp_client, (name, params, cwd), target=0)
+    # A server that dies ends the MPI world and the dispatcher re-runs both jobs on
+    # new servers: the client then first removes what the lost attempt wrote, so
+    # the re-run is not taken for a restart.
+    imagename = params.get("imagename")
+    keep = sorted(_products(imagename)) if isinstance(imagename, str) and imagename else []
+    client = Job(f"{name} (C++ parallel client)", cpp_client, (name, params, cwd, keep), target=0)
     worker_args = (cwd,)
     workers = [
         Job(f"{name} (C++ parallel server)", cpp_server, worker_args, target=r)
@@ -596,17 +601,37 @@ def cpp_server(cwd: str) -> None:
             si.done()
 
 
-def cpp_client(name: str, params: dict[str, Any], cwd: str) -> Any:
-    """Run task ``name`` on this server (rank 0) as CASA's C++ MPI client."""
+def cpp_client(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
+    """Run task ``name`` on this server (rank 0) as CASA's C++ MPI client.
+
+    Image products other than ``keep`` (those that existed before the call) are
+    left-overs of an attempt lost with its servers: removed first.
+    """
     from mpi4py import MPI
 
+    comm = MPI.COMM_WORLD
+    started: list[bool] = []
+    try:
+        return _as_cpp_client(comm, started, name, params, cwd, keep)
+    finally:
+        # Whatever happened before the task asked for its servers (an interrupt
+        # during the import, a bad argument), they wait in bcast: free them.
+        if not started:
+            comm.bcast(_SKIP, root=0)
+
+
+def _as_cpp_client(
+    comm: Any, started: list[bool], name: str, params: dict[str, Any], cwd: str, keep: list[str]
+) -> Any:
     from casa_kernel.casa.tasks import _casatasks
 
-    comm = MPI.COMM_WORLD
     os.chdir(cwd)
+    imagename = params.get("imagename")
+    if isinstance(imagename, str) and imagename:
+        for path in sorted(_products(imagename) - set(keep)):
+            shutil.rmtree(path, ignore_errors=True)
     task = getattr(_casatasks(), name)
     module = importlib.import_module(CPP_PARALLEL_TASKS[name])
-    started = []
 
     class _Core:
         def pgc(self, command: str, block: bool = True) -> None:
@@ -630,19 +655,37 @@ def cpp_client(name: str, params: dict[str, Any], cwd: str) -> Any:
         is_mpi_enabled = True
         is_mpi_client = True
 
-    names = ("mpi_available", "MPIEnvironment", "MPIInterface")
+    # The task releases its servers in a `finally` that starts only after its
+    # imager is built: interrupted in between, it never does and they wait in
+    # initmpi() for ever. Record its releasempi() to do it for it then.
+    real_imager = module.synthesisimager
+    released: list[bool] = []
+
+    class _Released:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._tool = real_imager(*args, **kwargs)
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self._tool, attr)
+
+        def releasempi(self) -> Any:
+            released.append(True)
+            return self._tool.releasempi()
+
+    names = ("mpi_available", "MPIEnvironment", "MPIInterface", "synthesisimager")
     saved = {k: module.__dict__[k] for k in names if k in module.__dict__}
     module.mpi_available = True
     module.MPIEnvironment = _Environment
     module.MPIInterface = types.SimpleNamespace(MPIInterface=_Interface)
+    module.synthesisimager = _Released
     try:
         return task(**params)
     finally:
         for key in names:
             module.__dict__.pop(key, None)
         module.__dict__.update(saved)
-        if not started:
-            comm.bcast(_SKIP, root=0)  # the task stayed serial: free the others
+        if started and not released:
+            real_imager().releasempi()
 
 
 # -- installation -------------------------------------------------------------

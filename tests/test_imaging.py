@@ -13,6 +13,8 @@ import glob
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ def root(tmp_path_factory, casa_env):
 def kernel(root):
     # 3 servers: CASA's C++ cube parallelism needs a client and 2 workers
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="4"), cwd=str(root)) as (km, kc):
+        kc.km = km
         reply = execute(kc, "%casa_cluster status")
         assert reply.status == "ok", reply.error
         yield kc
@@ -219,6 +222,33 @@ def test_failure_leaves_no_image_and_names_rank_and_host(root, kernel):
     assert re.search(r"rank 0 on \S+", reply.evalue), reply.evalue
     assert "channels of bad" in reply.evalue
     assert not glob.glob(str(root / "bad.*"))
+
+
+LONG_CUBE = dict(
+    COMMON,
+    imsize=256,
+    cell="4arcsec",
+    specmode="cube",
+    spw="0",
+    niter=100000,
+    cycleniter=1,
+    nsigma=0.0,
+)
+
+
+def test_interrupt_during_cube_stops_every_server_and_leaves_no_image(root, kernel):
+    args = ", ".join(f"{k}={v!r}" for k, v in LONG_CUBE.items())
+    started = time.monotonic()
+    threading.Timer(4.0, kernel.km.interrupt_kernel).start()
+    reply = execute(kernel, f"tclean(vis='obs.ms', imagename='intr', {args})")
+    elapsed = time.monotonic() - started
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply.error
+    assert elapsed < 4.0 + 10, elapsed  # liveness: the servers let go within seconds
+    assert not glob.glob(str(root / "intr.*"))
+    status = execute(kernel, "%casa_cluster status")
+    assert status.result.count("idle") == 3, status.result
+    again = execute(kernel, "%%casa_parallel\nrank")
+    assert again.status == "ok" and again.result == "[0, 1, 2]", again.error
 
 
 def test_cube_on_two_servers_runs_serially_in_the_kernel_equal_to_serial(root, kernel):
