@@ -224,6 +224,26 @@ def test_failure_leaves_no_image_and_names_rank_and_host(root, kernel):
     assert not glob.glob(str(root / "bad.*"))
 
 
+def test_killed_server_during_cube_costs_no_result(root, kernel):
+    import ast
+    import signal
+
+    params = dict(specmode="cube", spw="0", niter=400, cycleniter=20, imsize=128, cell="8arcsec")
+    serial = _serial(root, "s_kill", **dict(COMMON, **params))
+    # warm: CASA imported on every server, so the kill lands in the cube itself
+    _in_kernel(kernel, "warm_kill", **dict(COMMON, specmode="cube", spw="0", niter=0, imsize=32))
+    pids = execute(kernel, "%%casa_parallel\nimport os\nos.getpid()")
+    victim = ast.literal_eval(pids.result)[1]
+    killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    parallel = _in_kernel(kernel, "p_kill", **dict(COMMON, **params))
+    killer.join()
+    assert "re-ran" in LAST["reply"].stderr, LAST["reply"].stderr[-2000:]
+    assert_products_equal(root, "s_kill", "p_kill")
+    scale = float(np.abs(_pixels(str(root / "s_kill.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+
+
 LONG_CUBE = dict(
     COMMON,
     imsize=256,
