@@ -18,6 +18,7 @@ unchanged, and the servers run the pieces:
   the call runs on server rank 0 as that client (casampi stand-in patched into
   the task's module there) while the other servers serve it from
   ``synthesisimager().initmpi()``; the images are CASA's own, equal to serial.
+  Below ``MIN_CUBE_SERVERS`` (one worker only) cubes run serially in the kernel.
 
 Why not a real ``casampi``: with it installed, ``import casatasks`` under
 mpiexec turns every rank > 0 into a casampi server and never returns.

@@ -224,6 +224,19 @@ def test_failure_leaves_no_image_and_names_rank_and_host(root, kernel):
     assert not glob.glob(str(root / "bad.*"))
 
 
+def test_casatasks_own_tclean_on_a_cube_is_a_clear_error(root, kernel):
+    reply = execute(
+        kernel,
+        "from casatasks import tclean as casa_tclean\n"
+        "casa_tclean(vis='obs.ms', imagename='own', specmode='cube', imsize=32, "
+        "cell='16arcsec', niter=0)",
+    )
+    assert reply.status == "error"
+    assert "call the notebook's tclean" in reply.evalue, reply.evalue
+    # the servers are not left in C++ MPI mode: the next cube works
+    _in_kernel(kernel, "after_own", **dict(COMMON, specmode="cube", spw="0", niter=0))
+
+
 def test_killed_server_during_cube_costs_no_result(root, kernel):
     import ast
     import signal
