@@ -6,7 +6,8 @@ One run, one simulated MS (12 antennas, 2 spw x NCHAN channels), the same calls:
 - limit (cube): two plain concurrent processes each image half of the cube's
   channels (tclean with ``start``/``nchan``); the wall time from the first start
   to the last end is the best 2 servers can do on this box;
-- casa-kernel: a real kernel (N=3: 2 servers) runs the plain call (``parallel=True``
+- casa-kernel: a real kernel (``--servers``, default 2; cubes go to CASA's C++
+  path from 3 servers on) runs the plain call (``parallel=True``
   for mfs; cubes go parallel by themselves); timed inside the cell;
 - mpicasa (``--mpicasa``): casampi under ``mpiexec -n 3`` in bench/.venv-mpicasa.
 
@@ -33,6 +34,10 @@ from common import MARK, OUT, PYTHON, TESTS, casa_env, fmt, log, markdown_table,
 
 sys.path.insert(0, str(TESTS))
 
+# a process's peak resident memory (VmHWM) in MiB, as an expression for a cell
+PEAK_EXPR = (
+    "[int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+)
 WARMUP = dict(imsize=32, cell="16arcsec", niter=0, spw="0", specmode="mfs")
 
 
@@ -48,6 +53,16 @@ def _child(spec: dict[str, Any]) -> None:
         t0 = time.time()
         tclean(vis=spec["vis"], imagename=name, **params)
         print(MARK + json.dumps({"name": name, "start": t0, "end": time.time()}), flush=True)
+    print(MARK + json.dumps({"name": "peak_mib", "value": _peak_mib()}), flush=True)
+
+
+def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def _spawn(spec: dict[str, Any], threads: int | None = None) -> subprocess.Popen:
@@ -137,6 +152,7 @@ def main() -> None:
     ap.add_argument("--imsize", type=int, default=256)
     ap.add_argument("--niter", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--mpicasa", action="store_true", help="also casampi under mpiexec -n 3")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,6 +179,7 @@ def main() -> None:
     cube0 = dict(cube, niter=0)
     half = args.nchan // 2
     times: dict[str, list[float]] = {}
+    memory: dict[str, Any] = {}
 
     for r in range(args.repeat):
         log(f"repeat {r + 1}: serial mfs + cube")
@@ -172,6 +189,9 @@ def main() -> None:
             "calls": [("s_mfs", mfs), ("s_cube", cube), ("s_cube0", cube0)],
         }
         for m in _finish(_spawn(spec)):
+            if m["name"] == "peak_mib":
+                memory["serial process"] = m["value"]
+                continue
             times.setdefault(m["name"], []).append(m["end"] - m["start"])
         log("2-process limit: two halves of the cube at once")
         procs = [
@@ -183,14 +203,14 @@ def main() -> None:
                 [dict(cube0, start=0, nchan=half), dict(cube0, start=half, nchan=args.nchan - half)]
             )
         ]
-        marks = [m for p in procs for m in _finish(p)]
+        marks = [m for p in procs for m in _finish(p) if m["name"] != "peak_mib"]
         limit = max(m["end"] for m in marks) - min(m["start"] for m in marks)
         times.setdefault("limit_cube0", []).append(limit)
 
     from kernels import execute, kernel_env, running_kernel
 
-    log("casa-kernel: N=3 (2 servers)")
-    kenv = kernel_env(CASA_KERNEL_NPROCS="3")
+    log(f"casa-kernel: {args.servers} servers")
+    kenv = kernel_env(CASA_KERNEL_NPROCS=str(args.servers + 1))
     with running_kernel(kenv, cwd=str(root)) as (_km, kc):
         warm = execute(
             kc,
@@ -218,6 +238,14 @@ def main() -> None:
                 t = float(reply.stdout.split("@@T")[-1].split()[0])
                 times.setdefault(name, []).append(t)
                 log(f"{name}: {t:.1f} s")
+        peaks = execute(
+            kc,
+            "%%casa_parallel\n" + PEAK_EXPR,
+        )
+        assert peaks.status == "ok", peaks.error
+        memory["servers"] = json.loads(peaks.result)
+        kpeak = execute(kc, PEAK_EXPR)
+        memory["kernel"] = float(kpeak.result)
 
     if args.mpicasa:
         calls = {"m_mfs": dict(mfs, parallel=True), "m_cube": cube, "m_cube0": cube0}
@@ -273,7 +301,10 @@ def main() -> None:
         f"{fmt(med['limit_cube0'] / med['k_cube0'])} (target >= 0.90); "
         f"mfs parallel vs serial: {fmt(med['s_mfs'] / med['k_mfs'])}x (target >= 1.5)"
     )
-    (OUT / "imaging.json").write_text(json.dumps({"times": times, "diffs": diffs}, indent=1))
+    print(f"peak memory (VmHWM, MiB): {json.dumps({k: v for k, v in memory.items()})}")
+    (OUT / "imaging.json").write_text(
+        json.dumps({"times": times, "diffs": diffs, "memory": memory}, indent=1)
+    )
 
 
 if __name__ == "__main__":
