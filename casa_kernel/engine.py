@@ -209,3 +209,34 @@ def preload_casa_now() -> None:
         preload()
     except Exception as exc:  # pragma: no cover - depends on the installation
         print(f"casa-kernel: loading CASA on this server failed: {exc!r}", file=sys.stderr)
+
+
+def run_command(code: str) -> Any:
+    """Run one of casampi's string commands (``toolsi.makepsf()``...) in this
+    server's namespace; return the value when it is an expression.
+
+    casatasks' parallel imagers drive their servers with such strings; casampi's
+    servers run them the same way (eval, else exec). ``casalog`` is bound, as
+    on a casampi server.
+    """
+    if "rank" not in _state:
+        setup_server()
+    ns = _user_ns()
+    if "casalog" not in ns:
+        from casa_kernel.casa.tasks import _casatasks
+
+        ns["casalog"] = _casatasks().casalog
+    try:
+        try:
+            compiled = compile(code, "<casampi command>", "eval")
+        except SyntaxError:
+            exec(compile(code, "<casampi command>", "exec"), ns)
+            return None
+        return eval(compiled, ns)
+    finally:
+        _relay_casa_log()
+
+
+def push_values(values: dict[str, Any]) -> None:
+    """casampi's ``push``: bind these names in this server's namespace."""
+    _user_ns().update(values)

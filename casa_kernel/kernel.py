@@ -63,7 +63,8 @@ class CasaKernel(IPythonKernel):
         # (see casa_kernel.casa.tasks._casatasks).
         import numpy  # noqa: F401
 
-        from casa_kernel.casa import bridge, config, tasks
+        from casa_kernel import bridge
+        from casa_kernel.casa import config, tasks
 
         # log files of this kernel only: casa-<host>-kernel<pid>-client/rank<R>.log
         env = config.casa_environment(config.default_log_dir(), tag=f"kernel{os.getpid()}")

@@ -55,7 +55,7 @@ def test_four_kernels_at_once(casa_log_dir):
             for j in range(i + 1, N_KERNELS):
                 assert not ports[i] & ports[j], (i, j, ports[i] & ports[j])
         workdirs = [
-            ast.literal_eval(execute(kc, "casa_cluster.cluster._workdir").result)
+            ast.literal_eval(execute(kc, "casa_cluster.cluster.janitor.workdir").result)
             for _, kc in kernels
         ]
         assert len(set(workdirs)) == N_KERNELS
