@@ -3,7 +3,7 @@
 nbclient drives a casa-kernel (N=4: 3 servers, so the cube is imaged by CASA's
 own channel parallelism) through CASA's classic NGC 5921 tutorial on the VLA data
 casadata ships: import, partition by scan, flag, setjy, bandpass, gaincal,
-fluxscale, applycal, a tclean cube and a moment-0 map. This test process then runs
+fluxscale, applycal, uvcontsub, a tclean cube and a moment-0 map. This test process then runs
 the same steps serially with plain casatasks (no cluster: CASA's parallel helper
 runs the sub-MSs one after another here) and compares: flag counts and fluxes
 exactly, every image product within 1e-3 of serial's peak, pixel by pixel.
@@ -53,6 +53,7 @@ def serial_steps(workdir: Path) -> dict[str, Any]:
         partition,
         setjy,
         tclean,
+        uvcontsub,
     )
     from casatools import image
 
@@ -125,12 +126,20 @@ def serial_steps(workdir: Path) -> dict[str, Any]:
             calwt=False,
             flagbackup=False,
         )
-        cube = tclean(
+        uvcontsub(
             vis=vis,
-            imagename=IMAGE,
+            outputvis="ngc5921.contsub.ms",
             field="2",
-            spw="0",
+            fitspec="0:4~6;50~59",
+            fitorder=0,
             datacolumn="corrected",
+        )
+        cube = tclean(
+            vis="ngc5921.contsub.ms",
+            imagename=IMAGE,
+            field="N5921*",
+            spw="0",
+            datacolumn="data",
             specmode="cube",
             start=5,
             nchan=46,
