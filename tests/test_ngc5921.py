@@ -12,6 +12,8 @@ The notebook takes ~50 s on 2 idle cores, the serial steps ~15 s.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,13 +33,29 @@ IMAGE = "ngc5921.clean"
 PRODUCTS = (".image", ".residual", ".model", ".psf", ".pb", ".sumwt")
 TOLERANCE = 1e-3  # of the serial product's peak, pixel by pixel (issue 13)
 CLEANUP_TIMEOUT = 30  # seconds for the last cluster process to go after shutdown
+TASKS = {
+    "importuvfits",
+    "listobs",
+    "partition",
+    "flagdata",
+    "setjy",
+    "bandpass",
+    "gaincal",
+    "fluxscale",
+    "applycal",
+    "uvcontsub",
+    "tclean",
+    "imstat",
+    "immoments",
+}
 DIFFS: dict[str, float] = {}  # product -> max |parallel - serial| / serial peak, shown by -s
 
 
 def serial_steps(workdir: Path) -> dict[str, Any]:
     """The notebook's steps with plain casatasks in this process; its result's keys.
 
-    Keep in step with notebooks/ngc5921.ipynb (same tasks, same parameters).
+    The same task calls as notebooks/ngc5921.ipynb, in the same order and with the
+    same arguments (test_serial_steps_are_the_notebooks_calls checks it).
     """
     import casadata
     from casatasks import (
@@ -136,7 +154,7 @@ def serial_steps(workdir: Path) -> dict[str, Any]:
         )
         cube = tclean(
             vis="ngc5921.contsub.ms",
-            imagename=IMAGE,
+            imagename="ngc5921.clean",
             field="N5921*",
             spw="0",
             datacolumn="data",
@@ -155,10 +173,10 @@ def serial_steps(workdir: Path) -> dict[str, Any]:
             threshold="5mJy",
             restoringbeam="common",
         )
-        stats = imstat(imagename=f"{IMAGE}.image")
-        noise = float(imstat(imagename=f"{IMAGE}.image", chans="0~4")["rms"][0])
+        stats = imstat(imagename="ngc5921.clean.image")
+        noise = float(imstat(imagename="ngc5921.clean.image", chans="0~4")["rms"][0])
         immoments(
-            imagename=f"{IMAGE}.image",
+            imagename="ngc5921.clean.image",
             moments=[0],
             chans="6~40",
             includepix=[3 * noise, 100.0],
@@ -235,6 +253,34 @@ def test_packaged_notebook_is_the_repository_file_without_outputs() -> None:
     assert tagged == [code[-1]]
     # Editable install: the package serves the repository's file, not a copy.
     assert nb == nbformat.read(ROOT / "notebooks" / NOTEBOOK, as_version=4)
+
+
+def _task_calls(source: str) -> list[tuple[str, dict[str, str]]]:
+    """The CASA task calls in ``source``, in order: (task, {keyword: argument source})."""
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id in TASKS:
+                kwargs = {kw.arg: ast.unparse(kw.value) for kw in node.keywords if kw.arg}
+                calls.append((node.lineno, node.col_offset, node.func.id, kwargs))
+    return [(name, kwargs) for *_, name, kwargs in sorted(calls)]
+
+
+def test_serial_steps_are_the_notebooks_calls() -> None:
+    """The serial reference makes the notebook's task calls, argument for argument."""
+    nb = demo_runner.read_notebook(NOTEBOOK)
+    lines = [
+        line
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if not line.lstrip().startswith("%")  # magics: not Python
+    ]
+    in_notebook = _task_calls("\n".join(lines))
+    in_serial = _task_calls(inspect.getsource(serial_steps))
+    assert [name for name, _ in in_notebook] == [name for name, _ in in_serial]
+    assert in_notebook == in_serial
+    assert len(in_notebook) >= 15
 
 
 # --------------------------------------------------------------------------- the run
