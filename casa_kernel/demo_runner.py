@@ -75,11 +75,11 @@ class DemoError(RuntimeError):
         self.evalue = evalue
 
 
-def read_notebook() -> Any:
-    """The packaged quickstart notebook, as an ``nbformat`` v4 NotebookNode."""
+def read_notebook(name: str = NOTEBOOK_NAME) -> Any:
+    """A packaged notebook (the quickstart by default), as an ``nbformat`` v4 NotebookNode."""
     import nbformat
 
-    text = resources.files(NOTEBOOK_PACKAGE).joinpath(NOTEBOOK_NAME).read_text(encoding="utf-8")
+    text = resources.files(NOTEBOOK_PACKAGE).joinpath(name).read_text(encoding="utf-8")
     return nbformat.reads(text, as_version=4)
 
 
@@ -104,10 +104,10 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
-def _result(nb: Any) -> dict[str, Any]:
-    """``quickstart_result`` from the stdout of the cell tagged :data:`RESULT_TAG`."""
+def _result(nb: Any, tag: str = RESULT_TAG) -> dict[str, Any]:
+    """The JSON dict on the last stdout line of the cell tagged ``tag``."""
     for cell in nb.cells:
-        if RESULT_TAG not in cell.get("metadata", {}).get("tags", []):
+        if tag not in cell.get("metadata", {}).get("tags", []):
             continue
         text = "".join(
             out.get("text", "")
@@ -116,15 +116,15 @@ def _result(nb: Any) -> dict[str, Any]:
         )
         lines = [line for line in text.splitlines() if line.strip()]
         if not lines:
-            raise DemoError(f"the {RESULT_TAG!r} cell printed nothing")
+            raise DemoError(f"the {tag!r} cell printed nothing")
         try:
             value = json.loads(lines[-1])
         except json.JSONDecodeError as exc:
-            raise DemoError(f"the {RESULT_TAG!r} cell printed no JSON: {lines[-1]!r}") from exc
+            raise DemoError(f"the {tag!r} cell printed no JSON: {lines[-1]!r}") from exc
         if not isinstance(value, dict):
-            raise DemoError(f"the {RESULT_TAG!r} cell printed {type(value).__name__}, not a dict")
+            raise DemoError(f"the {tag!r} cell printed {type(value).__name__}, not a dict")
         return value
-    raise DemoError(f"the notebook has no cell tagged {RESULT_TAG!r}")
+    raise DemoError(f"the notebook has no cell tagged {tag!r}")
 
 
 def _execute(
@@ -213,8 +213,13 @@ def run(
     nprocs: int = DEFAULT_NPROCS,
     timeout: float = 900,
     progress: Progress | None = None,
+    notebook: str = NOTEBOOK_NAME,
 ) -> dict[str, Any]:
     """Execute the quickstart notebook on a fresh casa-kernel and return ``quickstart_result``.
+
+    ``notebook`` names another packaged notebook (``ngc5921.ipynb``): its executed
+    copy and kernel log are then ``<stem>.executed.ipynb`` and ``<stem>.kernel.log``,
+    and its result the JSON printed by the cell tagged ``<stem>-result``.
 
     ``nprocs`` is the total process count, client included (``mpicasa -n N``);
     ``timeout`` bounds the whole run in seconds. The notebook runs with ``workdir``
@@ -245,8 +250,9 @@ def run(
             workdir = os.path.join(scratch, "work")
         workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
         os.makedirs(workdir, exist_ok=True)
-        log_path = os.path.join(workdir, KERNEL_LOG_NAME)
-        nb = read_notebook()
+        stem = notebook.removesuffix(".ipynb")
+        log_path = os.path.join(workdir, f"{stem}.kernel.log")
+        nb = read_notebook(notebook)
         try:
             with open(log_path, "wb") as log:
                 _execute(nb, workdir, kernel_dirs, deadline, progress, log)
@@ -259,7 +265,7 @@ def run(
                     exc.args = (f"{exc}\nlast lines of the kernel's output:\n{tail}",)
             raise
         finally:
-            nbformat.write(nb, os.path.join(workdir, EXECUTED_NAME))
-        return _result(nb)
+            nbformat.write(nb, os.path.join(workdir, f"{stem}.executed.ipynb"))
+        return _result(nb, f"{stem}-result")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -182,7 +182,7 @@ def test_failing_cell_is_named_and_the_cluster_is_stopped(
         ],
         metadata={"kernelspec": {"name": "casa-mpi", "display_name": "CASA (MPI)"}},
     )
-    monkeypatch.setattr(demo_runner, "read_notebook", lambda: nb)
+    monkeypatch.setattr(demo_runner, "read_notebook", lambda name=None: nb)
     with pytest.raises(demo_runner.DemoError) as info:
         demo_runner.run(str(tmp_path), nprocs=3, timeout=120)
     error = info.value
