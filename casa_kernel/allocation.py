@@ -264,3 +264,21 @@ def _merge(pairs: object) -> tuple[tuple[str, int], ...]:
     for host, count in pairs:  # type: ignore[attr-defined]
         counts[host] = counts.get(host, 0) + count
     return tuple(counts.items())
+
+
+def describe_placement(source: str, placement: Placement) -> str:
+    """``"Slurm job 1234: antares 2, orion 3"``: processes per host, the client counted."""
+    counts: dict[str, int] = {placement.client_host: 1}
+    for host in placement.servers:
+        counts[host] = counts.get(host, 0) + 1
+    return f"{source}: " + ", ".join(f"{host} {count}" for host, count in counts.items())
+
+
+# Servers of a batch job land where the resource manager puts them: unknown until
+# they register, and never this host (so the controller listens on the network).
+BATCH_HOST = "(batch job)"
+
+
+def batch_placement(nservers: int, label: str) -> tuple[Placement, str]:
+    """The placement of servers from the batch queue, and its layout source."""
+    return Placement("localhost", (BATCH_HOST,) * nservers, None), label

@@ -79,7 +79,8 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=(
             "total MPI processes, the client (this kernel) included, as mpicasa -n N; "
-            f"default: every hostfile slot, or {DEFAULT_NPROCS} without a hostfile"
+            "default: every hostfile slot; without a hostfile, every slot of the batch "
+            f"job (Slurm, PBS, LSF) the kernel runs in, else {DEFAULT_NPROCS}"
         ),
     )
     p.add_argument("--hostfile", metavar="F", help="OpenMPI-syntax hostfile (slots=K per host)")

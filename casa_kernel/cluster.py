@@ -28,12 +28,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from casa_kernel.errors import ClusterError, PlacementError
 from casa_kernel.hostfile import Placement, place, read_hostfile
+
+if TYPE_CHECKING:
+    from casa_kernel.batch import BatchJob
 
 log = logging.getLogger("casa_kernel.cluster")
 _said = {"root": False}  # things said once per process
@@ -51,6 +54,8 @@ ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
+# Servers from the batch queue may wait for their job to start: an hour.
+BATCH_START_TIMEOUT = 3600.0
 
 # The controller's default 3 s heartbeat makes engine registration take ~6 s;
 # 500 ms brings a 4-engine start to ~2.5 s. Twenty misses (10 s) before an
@@ -79,6 +84,9 @@ class ClusterConfig:
     extra_mpi_args: tuple[str, ...] = ()
     start_timeout: float = DEFAULT_START_TIMEOUT
     controller_location: str | None = None  # None: socket.getfqdn() when not all local
+    # Where the layout came from, for status ("Slurm job 1234: antares 2, orion 3").
+    layout_source: str | None = None
+    batch: BatchJob | None = None  # servers from the batch queue (one job)
 
     @property
     def nservers(self) -> int:
@@ -93,18 +101,40 @@ class ClusterConfig:
         extra_mpi_args: tuple[str, ...] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
         controller_location: str | None = None,
+        env: Mapping[str, str] | None = None,
+        batch: BatchJob | None = None,
     ) -> ClusterConfig:
-        """Validate everything that can be checked before launching anything."""
-        hosts = read_hostfile(hostfile) if hostfile else None
-        if nprocs is None and hostfile is None:
-            nprocs = DEFAULT_NPROCS
-        placement = place(nprocs, hosts, hostfile)
+        """Validate everything that can be checked before launching anything.
+
+        Without a hostfile, a batch allocation this process runs in (Slurm, PBS,
+        LSF: see :mod:`casa_kernel.allocation`) gives the hosts; ``batch`` asks
+        for the servers as one job of the batch queue instead.
+        """
+        from casa_kernel import allocation
+
+        layout_source = None
+        if batch is not None:
+            placement, layout_source = allocation.batch_placement(batch.nservers, batch.describe())
+            start_timeout = max(start_timeout, BATCH_START_TIMEOUT)
+        else:
+            found = None if hostfile else allocation.detect(os.environ if env is None else env)
+            if found is not None:
+                found = found.client_first(socket.gethostname())
+                placement = allocation.place_in(found, nprocs)
+                layout_source = allocation.describe_placement(found.source, placement)
+            else:
+                hosts = read_hostfile(hostfile) if hostfile else None
+                if nprocs is None and hostfile is None:
+                    nprocs = DEFAULT_NPROCS
+                placement = place(nprocs, hosts, hostfile)
         return cls(
             placement,
             find_mpiexec(mpiexec),
             tuple(extra_mpi_args),
             start_timeout,
             controller_location or None,
+            layout_source,
+            batch,
         )
 
     @classmethod
@@ -130,6 +160,7 @@ class ClusterConfig:
             extra_mpi_args=tuple(shlex.split(env.get(ENV_MPI_ARGS, ""))),
             start_timeout=timeout,
             controller_location=env.get(ENV_CONTROLLER_LOCATION, "").strip() or None,
+            env=env,
         )
 
 
@@ -180,13 +211,15 @@ def mpi_environment(placement: Placement, as_root: bool) -> dict[str, str]:
 
 
 def mpiexec_args(
-    placement: Placement, hostfile_path: str, extra: tuple[str, ...] = ()
+    placement: Placement, hostfile_path: str | None, extra: tuple[str, ...] = ()
 ) -> list[str]:
     """The mpiexec flags after ``-n N`` (ipyparallel adds ``-n`` and the program).
 
     Pure, so a test can check the command line without starting anything.
+    No hostfile (``None``) inside a batch job of servers: mpiexec reads the job's
+    allocation itself.
     """
-    args = ["--hostfile", hostfile_path]
+    args = ["--hostfile", hostfile_path] if hostfile_path else []
     # Binding more ranks than cores fails on small machines ("request to bind
     # ... more cpus than are available"); --bind-to none keeps the slot check.
     args += ["--bind-to", "none"]
@@ -232,6 +265,7 @@ class CasaCluster:
         )
         self._thread.start()
         self._progress = "not started"
+        self._servers_lost = False  # a batch job of servers ended: replace at next use
         self.on_pids: Callable[[set[int]], None] | None = None  # watchdog hook
 
     # -- public API ---------------------------------------------------------
@@ -256,6 +290,14 @@ class CasaCluster:
         ``progress`` is called with a short message whenever the state changes,
         so the first cell can tell the user what it is waiting for.
         """
+        if self.state == "running" and self._servers_lost:
+            self._progress = "replacing the servers of the batch job that ended"
+            if progress:
+                progress(self._progress)
+            self._servers_lost = False
+            asyncio.run_coroutine_threadsafe(self._recover(), self._loop).result(
+                timeout=self.config.start_timeout if timeout is None else timeout
+            )
         if self.state == "running":
             return self.client
         if self.state in ("stopped", "stopping") or self._start_future is None:
@@ -397,8 +439,14 @@ class CasaCluster:
             )
         env.update(mpi_environment(placement, as_root))
 
+        batch = self.config.batch
+        engines: Any = "mpi"
+        if batch is not None:
+            from casa_kernel.batch import LAUNCHERS
+
+            engines = LAUNCHERS[batch.system]
         cluster = ipp.Cluster(
-            engines="mpi",
+            engines=engines,
             n=self.config.nservers,
             profile_dir=os.path.join(self._workdir, "profile"),
             cluster_id=f"casa-kernel-{os.getpid()}",
@@ -417,6 +465,14 @@ class CasaCluster:
             log_level=logging.WARNING,
         )
         launcher_config = cluster.config.MPIEngineSetLauncher
+        if batch is not None:
+            launcher_config = cluster.config[engines.__name__]
+            launcher_config.job = batch
+            launcher_config.note = (
+                f"servers of the casa-kernel client pid {os.getpid()} on {socket.gethostname()}; "
+                "it cancels this job when it stops"
+            )
+            hostfile = None  # mpiexec in the job reads the job's allocation
         launcher_config.mpi_cmd = [self.config.mpiexec]
         launcher_config.mpi_args = mpiexec_args(placement, hostfile, self.config.extra_mpi_args)
         launcher_config.environment = env
@@ -492,8 +548,22 @@ class CasaCluster:
         about the death, e.g. which rank died of which signal."""
         if self.state != "running":
             raise ClusterError(f"cannot recover a cluster that is {self.state}")
+        job = self.batch_launcher()
+        if job is not None:
+            # The job was cancelled or ran out of time: say so instead of quietly
+            # queueing a new one mid-cell; the next cell that needs servers does.
+            deadline = time.monotonic() + 5
+            while self.engine_set_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.engine_set_alive():
+                self._servers_lost = True
+                raise ClusterError(
+                    f"{job.ended_message()}: its {self.config.nservers} servers are gone. "
+                    "The next cell that needs servers submits a new job."
+                )
         timeout = self.config.start_timeout if timeout is None else timeout
         future = asyncio.run_coroutine_threadsafe(self._recover(), self._loop)
+        self._servers_lost = False
         return future.result(timeout=timeout)
 
     async def _recover(self) -> str:
@@ -524,15 +594,42 @@ class CasaCluster:
         n = self.config.nservers
         delay = 0.001
         while len(client.ids) < n:
+            job = self.batch_launcher()
             if not self.engine_set_alive():
                 await asyncio.sleep(0.2)  # let mpiexec's last words reach its log
+                what = job.ended_message() if job is not None else "mpiexec exited"
                 raise ClusterError(
-                    f"mpiexec exited before all {n} servers registered "
+                    f"{what} before all {n} servers registered "
                     f"({len(client.ids)} did)\nmpiexec said:\n{self.mpiexec_output()}"
                 )
             self._progress = f"{len(client.ids)}/{n} servers registered"
+            if job is not None:  # "Slurm job 12 PENDING (Resources); 0/4 servers registered"
+                self._progress = f"{job.describe_job()}; {self._progress}"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def batch_launcher(self) -> Any:
+        """The engine set's batch job launcher (casa_kernel.batch), if servers are a job."""
+        cluster = self._ipp_cluster
+        if cluster is None or self.config.batch is None:
+            return None
+        for engine_set in list(cluster.engines.values()):
+            if hasattr(engine_set, "describe_job"):
+                return engine_set
+        return None
+
+    def cancel_commands(self) -> list[list[str]]:
+        """Commands that end this cluster's batch job (for the watchdog)."""
+        job = self.batch_launcher()
+        command = job.cancel_command if job is not None else None
+        return [command] if command else []
+
+    def layout_source(self) -> str | None:
+        """Where the layout came from, with the batch job's id and state if any."""
+        job = self.batch_launcher()
+        if job is not None and job.job_id:
+            return f"{job.describe_job()}, {self.config.nservers} servers"
+        return self.config.layout_source
 
     def _track(self, launcher: Any) -> None:
         pid = getattr(launcher, "pid", -1)
@@ -681,7 +778,8 @@ class ClusterSession:
     def _watch(self, pids: set[int]) -> None:
         cluster = self.cluster
         folders = {cluster._workdir} if cluster is not None and cluster._workdir else set()
-        self.watchdog.watch(pids, folders)
+        cancel = cluster.cancel_commands() if cluster is not None else []
+        self.watchdog.watch(pids, folders, cancel)
 
     def require(self) -> CasaCluster:
         """The running (or starting) cluster, or a clear error saying why not."""

@@ -52,6 +52,24 @@ class CasaMagics(Magics):
         "the first host, servers fill the rest in file order",
     )
     @argument("--mpiexec", default=None, help="mpiexec of a site MPI to use instead")
+    @argument(
+        "--slurm",
+        action="store_true",
+        help="servers from the batch queue: submit ONE Slurm job of N-1 tasks whose mpiexec "
+        "starts them (one MPI world); cancelled on stop, restart and kernel shutdown",
+    )
+    @argument("--pbs", action="store_true", help="as --slurm, with PBS (qsub)")
+    @argument("--time", default=None, help="wall time of the batch job (e.g. 2:00:00)")
+    @argument("--partition", default=None, help="Slurm partition / PBS queue")
+    @argument("--account", default=None, help="account to charge the batch job to")
+    @argument(
+        "--sbatch-arg",
+        dest="batch_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more sbatch/qsub argument, repeatable: --sbatch-arg=--nodes=2",
+    )
     def casa_cluster(self, line: str) -> Any:
         """Start, stop, restart the CASA cluster, or show its servers.
 
@@ -63,6 +81,10 @@ class CasaMagics(Magics):
             %casa_cluster status
             %casa_cluster restart -n 5
             %casa_cluster start --hostfile hosts.txt
+            %casa_cluster start --slurm -n 17 --time 2:00:00 --partition debug
+
+        Inside a batch job (Slurm, PBS, LSF) without -n or --hostfile the
+        cluster fills the job's allocation; -n N takes its first N slots.
         """
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
@@ -85,13 +107,43 @@ class CasaMagics(Magics):
             raise UsageError(str(exc)) from None
 
     def _config(self, args: Any) -> ClusterConfig | None:
-        if args.nprocs is None and args.hostfile is None and args.mpiexec is None:
+        batch = self._batch_job(args)
+        if args.nprocs is None and args.hostfile is None and args.mpiexec is None and not batch:
             current = self.session.cluster
             return current.config if current is not None else None
         return ClusterConfig.from_options(
             nprocs=args.nprocs,
             hostfile=os.path.abspath(args.hostfile) if args.hostfile else None,
             mpiexec=args.mpiexec,
+            batch=batch,
+        )
+
+    def _batch_job(self, args: Any) -> Any:
+        """The BatchJob of --slurm/--pbs, or None (options checked here)."""
+        if args.slurm and args.pbs:
+            raise UsageError("choose one of --slurm and --pbs")
+        if not (args.slurm or args.pbs):
+            given = [f"--{n}" for n in ("time", "partition", "account") if getattr(args, n)]
+            if args.batch_args:
+                given.append("--sbatch-arg")
+            if given:
+                raise UsageError(f"{', '.join(given)} only apply with --slurm or --pbs")
+            return None
+        if args.hostfile:
+            raise UsageError("--hostfile and --slurm/--pbs: the batch system places the servers")
+        from casa_kernel.batch import BatchJob
+        from casa_kernel.cluster import DEFAULT_NPROCS
+
+        nprocs = DEFAULT_NPROCS if args.nprocs is None else args.nprocs
+        if nprocs < 2:
+            raise UsageError(f"-n {nprocs}: N counts the client too, so at least 2")
+        return BatchJob(
+            "slurm" if args.slurm else "pbs",
+            nprocs - 1,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            extra_args=tuple(args.batch_args),
         )
 
     def _status(self) -> display.StatusTable:
@@ -99,7 +151,7 @@ class CasaMagics(Magics):
         if cluster.state == "starting":
             cluster.wait_ready(progress=display.progress)
         placement = cluster.config.placement
-        source = placement.hostfile or "localhost"
+        source = cluster.layout_source() or placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
         client_host = placement.client_host if placement.hostfile else socket.gethostname()
         title = (

@@ -326,3 +326,57 @@ def test_job_status(system: str, output: str, state: str, reason: str, active: b
     if system == "slurm":
         assert got_reason == reason
     assert is_active(system, got_state) is active
+
+
+# ------------------------------------------------- the cluster configuration reads them
+
+SLURM_ENV = {
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NODELIST": "antares,orion",
+    "SLURM_TASKS_PER_NODE": "2,3",
+}
+
+
+def test_config_fills_the_allocation() -> None:
+    from casa_kernel.cluster import ClusterConfig
+
+    config = ClusterConfig.from_env(SLURM_ENV)
+    assert config.placement.client_host == "antares"
+    assert config.placement.servers == ("antares", "orion", "orion", "orion")
+    assert config.layout_source == "Slurm job 1234: antares 2, orion 3"
+
+
+def test_config_n_takes_the_first_slots_and_more_is_an_error() -> None:
+    from casa_kernel.cluster import ClusterConfig
+
+    config = ClusterConfig.from_env({**SLURM_ENV, "CASA_KERNEL_NPROCS": "3"})
+    assert config.placement.servers == ("antares", "orion")
+    assert config.layout_source == "Slurm job 1234: antares 2, orion 1"
+    with pytest.raises(PlacementError, match=re.escape("Slurm job 1234 has 5 slots")):
+        ClusterConfig.from_env({**SLURM_ENV, "CASA_KERNEL_NPROCS": "6"})
+
+
+def test_config_outside_a_job_and_hostfile_wins(tmp_path) -> None:
+    from casa_kernel.cluster import DEFAULT_NPROCS, ClusterConfig
+
+    config = ClusterConfig.from_env({"PATH": "/usr/bin"})
+    assert config.placement.nprocs == DEFAULT_NPROCS
+    assert config.layout_source is None
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=4\n")
+    config = ClusterConfig.from_env({**SLURM_ENV, "CASA_KERNEL_HOSTFILE": str(hosts)})
+    assert config.placement.servers == ("localhost",) * 3
+    assert config.layout_source is None
+
+
+def test_config_of_a_batch_job() -> None:
+    from casa_kernel.cluster import BATCH_START_TIMEOUT, ClusterConfig, mpiexec_args
+
+    job = BatchJob("slurm", 16, time="2:00:00")
+    config = ClusterConfig.from_options(nprocs=17, batch=job)
+    assert config.nservers == 16
+    assert not config.placement.is_local  # the controller listens on the network
+    assert config.start_timeout == BATCH_START_TIMEOUT  # the job may wait in the queue
+    assert config.layout_source == "Slurm batch job (16 servers, time 2:00:00)"
+    # no hostfile: mpiexec in the job reads the job's allocation
+    assert "--hostfile" not in mpiexec_args(config.placement, None)
