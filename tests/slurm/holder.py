@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.sock
+AuthInfo=socket={munge}/munge.sock
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -88,9 +89,7 @@ def setup_network(root: Path) -> None:
     run("mount", "--bind", str(hosts), "/etc/hosts")
 
 
-def start_munge(root: Path) -> subprocess.Popen:
-    folder = root / "munge"
-    folder.mkdir(mode=0o700)
+def start_munge(folder: Path) -> subprocess.Popen:
     key = folder / "munge.key"
     shutil.copyfile("/etc/munge/munge.key", key)
     key.chmod(0o400)
@@ -164,19 +163,28 @@ def main() -> None:
     setup_network(root)
     (root / "state").mkdir()
     (root / "plugstack.conf").write_text("")
+    # munged runs as munge, which cannot enter the tests' 0700 folders: its own.
+    munge = Path(tempfile.mkdtemp(prefix="casa-kernel-munge-"))
     nodes = "\n".join(
         f"NodeName={name} NodeAddr={ADDRESS} Port={args.ctld_port + 1 + i} CPUs={cpus}"
         for i, (name, cpus) in enumerate(NODES.items())
     )
     conf = root / "slurm.conf"
     conf.write_text(
-        CONF.format(login=LOGIN, address=ADDRESS, ctld_port=args.ctld_port, root=root, nodes=nodes)
+        CONF.format(
+            login=LOGIN,
+            address=ADDRESS,
+            ctld_port=args.ctld_port,
+            root=root,
+            nodes=nodes,
+            munge=munge,
+        )
     )
     env = dict(os.environ, SLURM_CONF=str(conf))
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(start_munge(root))
-        wait_for(lambda: (root / "munge" / "munge.sock").exists(), "munged", 10, procs)
+        procs.append(start_munge(munge))
+        wait_for(lambda: (munge / "munge.sock").exists(), "munged", 10, procs)
         procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(conf)], env=env))
         for name in NODES:
             procs.append(
@@ -191,6 +199,7 @@ def main() -> None:
         sys.stdin.readline()
     finally:
         stop(procs, env)
+        shutil.rmtree(munge, ignore_errors=True)
         print("stopped", flush=True)
 
 

@@ -1,0 +1,139 @@
+"""Drive a real casa-kernel on the Slurm of ``tests/slurm_harness.py``.
+
+Two ways of running, each printing one JSON object per line on stdout:
+
+``in-job``
+    Run by ``sbatch`` as the job's batch script, so on the job's first node and
+    inside its allocation: starts the kernelspec named ``--kernel`` (installed by
+    the test without -n/--hostfile), runs an SPMD cell and ``%casa_cluster
+    status``, shuts the kernel down and reports what is left.
+``queue``
+    Run on the login node (outside any job): ``%casa_cluster start --slurm``,
+    an SPMD cell, status, a cell during which the job is cancelled (scancel),
+    the next cell (a new job), then stop; or, with ``--kill``, SIGKILL of the
+    kernel while its job runs (the watchdog must cancel it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for kernels
+
+from kernels import (  # noqa: E402
+    Reply,
+    cluster_processes,
+    execute,
+    kernel_env,
+    kernel_pid,
+    running_kernel,
+    wait_gone,
+)
+
+SPMD_CELL = """%%casa_parallel
+from mpi4py import MPI
+(rank, MPI.Get_processor_name(), comm.allreduce(rank))
+"""
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def summary(reply: Reply, started: float) -> dict[str, object]:
+    return {
+        "status": reply.status,
+        "result": reply.result,
+        "error": reply.error,
+        "stdout": reply.stdout,
+        "traceback": reply.traceback[-3000:],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def queue() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T %j"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def in_job(kernel: str) -> None:
+    started = time.monotonic()
+    with running_kernel(kernel_env(), kernel_name=kernel) as (km, kc):
+        pid = kernel_pid(km)
+        emit(kernel_pid=pid, host=os.uname().nodename)
+        emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
+        emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
+        emit(processes_while_running=len(cluster_processes(pid)))
+    left = wait_gone(pid, timeout=15)
+    emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
+
+
+def job_ids(text: str) -> list[str]:
+    return [word for word in text.replace(",", " ").split() if word.isdigit()]
+
+
+def in_queue(start: str, kill: bool) -> None:
+    started = time.monotonic()
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
+        pid = kernel_pid(km)
+        emit(kernel_pid=pid, host=os.uname().nodename)
+        execute(kc, "%casa_cluster stop", timeout=60)
+        emit(start=summary(execute(kc, start, timeout=120), started))
+        emit(queue_while_running=queue())
+        emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+            km.kernel.wait()  # type: ignore[union-attr]
+            deadline = time.monotonic() + 30
+            while queue() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            emit(queue_after_kill=queue(), seconds=round(time.monotonic() - started, 2))
+            left = wait_gone(pid, timeout=15)
+            emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
+            return
+        # scancel the job while a cell runs on its servers
+        jobs = [line.split()[0] for line in queue()]
+
+        def cancel() -> None:
+            time.sleep(3)
+            subprocess.run(["scancel", *jobs], check=False)
+
+        threading.Thread(target=cancel, daemon=True).start()
+        cell = "%%casa_parallel\nimport time\ntime.sleep(60)\nrank"
+        emit(cancelled=summary(execute(kc, cell, timeout=90), started), cancelled_jobs=jobs)
+        emit(again=summary(execute(kc, SPMD_CELL, timeout=120), started))
+        emit(queue_again=queue())
+        emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
+        emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
+        emit(queue_after_stop=queue())
+    left = wait_gone(pid, timeout=15)
+    emit(
+        left=[" ".join(p.cmdline()) for p in left if p.is_running()],
+        queue_after_shutdown=queue(),
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("mode", choices=["in-job", "queue"])
+    parser.add_argument("--kernel", default="casa-mpi")
+    parser.add_argument("--start", default="%casa_cluster start --slurm -n 5")
+    parser.add_argument("--kill", action="store_true")
+    args = parser.parse_args()
+    if args.mode == "in-job":
+        in_job(args.kernel)
+    else:
+        in_queue(args.start, args.kill)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""casa-kernel on a real Slurm: inside a job, and servers from the batch queue.
+
+The Slurm is Debian's slurm-wlm (22.05) with munge, started by the fixture with
+two nodes, orion (3 CPUs) and antares (2 CPUs), in namespaces of this machine
+(``tests/slurm_harness.py``); the kernels are real, started by jupyter_client
+from ``tests/slurm/driver.py`` on the login node or inside a job. Nothing is
+mocked. Needs root (namespaces) and the Slurm packages; as root, a missing
+package is a failure, not a skip, so CI always runs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slurm_harness import Slurm, missing_tools, slurm
+
+DRIVER = Path(__file__).resolve().parent / "slurm" / "driver.py"
+VENV_BIN = str(Path(sys.executable).parent)
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux namespaces"),
+    pytest.mark.skipif(
+        not hasattr(os, "geteuid") or os.geteuid() != 0,
+        reason="needs root: the Slurm nodes are namespaces",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
+    missing = missing_tools()
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found: apt-get install -y slurm-wlm munge "
+            "iproute2 util-linux"
+        )
+    with slurm(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+    # (the context manager checked that no daemon and no job process is left)
+
+
+def job_env(cluster: Slurm, **extra: str) -> dict[str, str]:
+    """What a user's shell on the login node has: this venv on PATH, MPI over va."""
+    env = cluster.env(**extra)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    # The "nodes" share one machine: MPI between them over the veth, not lo.
+    env["OMPI_MCA_btl_tcp_if_include"] = "va"
+    for key in ("CASA_KERNEL_NPROCS", "CASA_KERNEL_HOSTFILE", "CASA_KERNEL_MPIEXEC"):
+        env.pop(key, None)
+    return env
+
+
+def report(text: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.startswith("{"):
+            merged.update(json.loads(line))
+    return merged
+
+
+def status_rows(text: str) -> tuple[str, list[list[str]]]:
+    lines = text.strip("'\"").splitlines()
+    return lines[0], [line.split() for line in lines[2:]]
+
+
+@pytest.mark.timeout(150)
+def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) -> None:
+    """sbatch -N2 -n5: the kernel (from a kernelspec with no -n/--hostfile) runs on
+    the first node, antares, and its 4 servers fill the job's other slots."""
+    prefix = tmp_path / "prefix"
+    install = subprocess.run(
+        [f"{VENV_BIN}/casa-kernel", "install", "--prefix", str(prefix)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr
+    assert "CASA_KERNEL_NPROCS" not in install.stdout  # nothing sizes it but the job
+    out = tmp_path / "job.out"
+    env = job_env(cluster, JUPYTER_PATH=str(prefix / "share" / "jupyter"))
+    done = cluster.run(
+        "sbatch",
+        "--wait",
+        "-N2",
+        "-n5",
+        f"--output={out}",
+        f"--chdir={tmp_path}",
+        "--wrap",
+        f"{sys.executable} {DRIVER} in-job --kernel casa-mpi",
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    text = out.read_text() if out.exists() else ""
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{text}\n{cluster.logs()}"
+    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)  # type: ignore[union-attr]
+    got = report(text)
+    assert got["host"] == "antares", text  # the job's first node (Slurm orders by name)
+
+    parallel = got["parallel"]
+    assert parallel["status"] == "ok", parallel["traceback"] or parallel["error"]
+    # mpicasa: the client holds one antares slot; servers: antares 1, orion 3;
+    # one MPI world across both nodes (allreduce of ranks 0..3 = 6).
+    assert ast.literal_eval(parallel["result"]) == [
+        (0, "antares", 6),
+        (1, "orion", 6),
+        (2, "orion", 6),
+        (3, "orion", 6),
+    ]
+    status = got["status"]
+    assert status["status"] == "ok", status["traceback"] or status["error"]
+    title, rows = status_rows(status["result"])
+    assert title == (
+        "CASA cluster (running): client on antares, 4 servers, N=5 "
+        f"(Slurm job {job_id}: antares 2, orion 3)"
+    )
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("0", "antares", "idle"),
+        ("1", "orion", "idle"),
+        ("2", "orion", "idle"),
+        ("3", "orion", "idle"),
+    ]
+    assert got["processes_while_running"] >= 5
+    assert got["left"] == []
+    assert cluster.wait_queue_empty() == []
+
+
+def run_queue_driver(cluster: Slurm, tmp_path: Path, *args: str) -> dict[str, Any]:
+    done = cluster.run(
+        sys.executable,
+        str(DRIVER),
+        "queue",
+        *args,
+        env=job_env(cluster),
+        timeout=140,
+        check=False,
+    )
+    got = report(done.stdout)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{cluster.logs()}"
+    return got
+
+
+@pytest.mark.timeout(150)
+def test_servers_from_the_queue(cluster: Slurm, tmp_path: Path) -> None:
+    """From the login node: one Slurm job of servers on both nodes; a scancel
+    mid-cell is an error naming the job; the next cell gets a new job; stop and
+    shutdown leave nothing in squeue or ps."""
+    start = "%casa_cluster start --slurm -n 5 --time 10 --sbatch-arg=--nodes=2"
+    got = run_queue_driver(cluster, tmp_path, "--start", start)
+    assert got["host"] == "login"
+    assert got["start"]["status"] == "ok", got["start"]["traceback"] or got["start"]["error"]
+    running = got["queue_while_running"]
+    assert len(running) == 1 and running[0].endswith("RUNNING casa-servers"), running
+    first_job = running[0].split()[0]
+
+    parallel = got["parallel"]
+    assert parallel["status"] == "ok", parallel["traceback"] or parallel["error"]
+    ranks = ast.literal_eval(parallel["result"])
+    assert [r[0] for r in ranks] == [0, 1, 2, 3]
+    assert {r[2] for r in ranks} == {6}  # one MPI world
+    assert {r[1] for r in ranks} == {"antares", "orion"}  # servers on both nodes
+
+    cancelled = got["cancelled"]
+    assert cancelled["status"] == "error"
+    assert got["cancelled_jobs"] == [first_job]
+    assert f"Slurm job {first_job} ended (CANCELLED" in cancelled["traceback"], cancelled
+    assert cancelled["seconds"] - parallel["seconds"] < 30  # not the cell's 60 s sleep
+
+    again = got["again"]
+    assert again["status"] == "ok", again["traceback"] or again["error"]
+    assert [r[0] for r in ast.literal_eval(again["result"])] == [0, 1, 2, 3]
+    (second,) = got["queue_again"]
+    assert second.split()[0] != first_job and second.endswith("RUNNING casa-servers")
+    assert f"Slurm job {second.split()[0]} RUNNING" in got["status"]["result"]
+
+    assert got["stop"]["status"] == "ok"
+    assert got["queue_after_stop"] == []
+    assert got["queue_after_shutdown"] == []
+    assert got["left"] == []
+
+
+@pytest.mark.timeout(150)
+def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
+    """SIGKILL of the kernel: its watchdog cancels the servers' job."""
+    got = run_queue_driver(
+        cluster, tmp_path, "--kill", "--start", "%casa_cluster start --slurm -n 3 --time 5"
+    )
+    assert got["start"]["status"] == "ok", got["start"]["traceback"] or got["start"]["error"]
+    assert len(got["queue_while_running"]) == 1
+    assert got["parallel"]["status"] == "ok"
+    assert got["queue_after_kill"] == []
+    assert got["left"] == []
