@@ -28,7 +28,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ipyparallel.cluster.launcher import PBSEngineSetLauncher, SlurmEngineSetLauncher
+from ipyparallel.cluster.launcher import (
+    BatchEngineSetLauncher,
+    PBSEngineSetLauncher,
+    SlurmEngineSetLauncher,
+)
 from traitlets import Instance, List, Unicode
 
 from casa_kernel.errors import ClusterError
@@ -237,7 +241,7 @@ async def acall(command: Sequence[str], timeout: float = 30.0) -> tuple[int, str
     return proc.returncode or 0, out.decode("utf-8", "replace")
 
 
-class _BatchMPIMixin:
+class _BatchMPIMixin(BatchEngineSetLauncher):
     """What the Slurm and PBS engine launchers share (see the module docstring)."""
 
     system = "slurm"
