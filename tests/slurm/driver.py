@@ -91,7 +91,7 @@ def in_queue(start: str, kill: bool) -> None:
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         if kill:
             os.kill(pid, signal.SIGKILL)
-            km.kernel.wait()  # type: ignore[union-attr]
+            km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
             deadline = time.monotonic() + 30
             while queue() and time.monotonic() < deadline:
                 time.sleep(0.2)
