@@ -33,7 +33,7 @@ from ipyparallel.cluster.launcher import (
     PBSEngineSetLauncher,
     SlurmEngineSetLauncher,
 )
-from traitlets import Instance, List, Unicode
+from traitlets import Instance, List, Unicode, default
 
 from casa_kernel.errors import ClusterError
 
@@ -256,6 +256,14 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
     _watcher: asyncio.Task | None = None
     _submit_argv: list[str] | None = None
     _kept_output: str = ""
+
+    @default("output_file")
+    def _default_output_file(self) -> str:
+        # Written on the job's first node: the log folder (the user's home, a
+        # shared file system on clusters), not the kernel's private /tmp folder.
+        folder = os.environ.get("CASA_KERNEL_LOG_DIR") or os.path.join(self.profile_dir, "log")
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f"{self.identifier}.log")
 
     @property
     def program(self) -> list[str]:  # type: ignore[override]
