@@ -181,20 +181,32 @@ def test_servers_from_the_queue(cluster: Slurm, tmp_path: Path) -> None:
     assert second.split()[0] != first_job and second.endswith("RUNNING casa-servers")
     assert f"Slurm job {second.split()[0]} RUNNING" in got["status"]["result"]
 
-    assert got["stop"]["status"] == "ok"
-    assert got["queue_after_stop"] == []
+    # restart: the running job is cancelled and gone before a new one is queued
+    assert got["restart"]["status"] == "ok", got["restart"]["traceback"]
+    (third,) = got["queue_after_restart"]
+    assert third.split()[0] not in (first_job, second.split()[0])
+    # kernel shutdown with that job running: cancelled, nothing left anywhere
     assert got["queue_after_shutdown"] == []
     assert got["left"] == []
 
 
 @pytest.mark.timeout(150)
 def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
-    """SIGKILL of the kernel: its watchdog cancels the servers' job."""
+    """A pending job is shown with its reason; %casa_cluster stop cancels the job;
+    SIGKILL of the kernel: its watchdog cancels the servers' job."""
     got = run_queue_driver(
         cluster, tmp_path, "--kill", "--start", "%casa_cluster start --slurm -n 3 --time 5"
     )
-    assert got["start"]["status"] == "ok", got["start"]["traceback"] or got["start"]["error"]
+    start = got["start"]
+    assert start["status"] == "ok", start["traceback"] or start["error"]
+    # every CPU was taken by another job for 4 s: the cell said so, then went on
+    assert re.search(r"casa-kernel: Slurm job \d+ PENDING \(Resources\)", start["stdout"]), start
+    assert re.search(r"casa-kernel: Slurm job \d+ RUNNING", start["stdout"]), start
     assert len(got["queue_while_running"]) == 1
     assert got["parallel"]["status"] == "ok"
+    assert got["stop"]["status"] == "ok"
+    assert got["queue_after_stop"] == []
+    assert got["start_again"]["status"] == "ok"
+    assert len(got["queue_again"]) == 1
     assert got["queue_after_kill"] == []
     assert got["left"] == []

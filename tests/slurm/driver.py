@@ -80,16 +80,41 @@ def job_ids(text: str) -> list[str]:
     return [word for word in text.replace(",", " ").split() if word.isdigit()]
 
 
+def block_nodes(seconds: float) -> None:
+    """Fill every CPU with a job for ``seconds``, so the next job pends (Resources)."""
+    done = subprocess.run(
+        ["sbatch", "--parsable", "-n5", "--job-name=blocker", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    blocker = done.stdout.strip().split(";")[0]
+    while not any(line.startswith(f"{blocker} RUNNING") for line in queue()):
+        time.sleep(0.1)
+
+    def release() -> None:
+        time.sleep(seconds)
+        subprocess.run(["scancel", blocker], check=False)
+
+    threading.Thread(target=release, daemon=True).start()
+
+
 def in_queue(start: str, kill: bool) -> None:
     started = time.monotonic()
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
         pid = kernel_pid(km)
         emit(kernel_pid=pid, host=os.uname().nodename)
         execute(kc, "%casa_cluster stop", timeout=60)
+        if kill:
+            block_nodes(4)
         emit(start=summary(execute(kc, start, timeout=120), started))
         emit(queue_while_running=queue())
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         if kill:
+            emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
+            emit(queue_after_stop=queue())
+            emit(start_again=summary(execute(kc, start, timeout=120), started))
+            emit(queue_again=queue())
             os.kill(pid, signal.SIGKILL)
             km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
             deadline = time.monotonic() + 30
@@ -112,8 +137,9 @@ def in_queue(start: str, kill: bool) -> None:
         emit(again=summary(execute(kc, SPMD_CELL, timeout=120), started))
         emit(queue_again=queue())
         emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
-        emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
-        emit(queue_after_stop=queue())
+        emit(restart=summary(execute(kc, "%casa_cluster restart", timeout=120), started))
+        emit(queue_after_restart=queue())
+        # then the kernel's shutdown, with the job running
     left = wait_gone(pid, timeout=15)
     emit(
         left=[" ".join(p.cmdline()) for p in left if p.is_running()],
