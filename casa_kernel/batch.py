@@ -147,7 +147,12 @@ def batch_script(
         argv = ["qsub", *job.extra_args, script_path]
     if note:
         lines += [f"# {line}" for line in note.splitlines()]
-    lines.append("exec " + shlex.join(launch))
+    command = shlex.join(launch)
+    if job.system == "pbs" and launch:
+        # An MPI built without PBS's tm interface does not read the job's nodes
+        # by itself: hand them over (the variable is expanded in the job).
+        command = f'{shlex.quote(launch[0])} --hostfile "$PBS_NODEFILE" {shlex.join(launch[1:])}'
+    lines.append("exec " + command)
     return "\n".join(lines) + "\n", argv
 
 

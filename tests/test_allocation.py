@@ -280,8 +280,42 @@ def test_batch_script(job: BatchJob, directives: list[str], argv: list[str]) -> 
     assert lines[0] == "#!/bin/sh"
     assert lines[1 : 1 + len(directives)] == directives
     assert lines[-2] == "# for the kernel"
-    assert lines[-1] == "exec /venv/bin/mpiexec -n 16 --bind-to none /venv/bin/python -m e"
+    nodes = ' --hostfile "$PBS_NODEFILE"' if job.system == "pbs" else ""
+    assert lines[-1] == f"exec /venv/bin/mpiexec{nodes} -n 16 --bind-to none /venv/bin/python -m e"
     assert command == argv
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs"])
+def test_launcher_writes_the_script_ipyparallel_submits(tmp_path, system: str) -> None:
+    """The launcher classes (ipyparallel's batch launchers) use batch_script whole."""
+    from traitlets.config import Config
+
+    from casa_kernel.batch import LAUNCHERS
+
+    cls = LAUNCHERS[system]
+    config = Config()
+    config[cls.__name__].job = BatchJob(system, 3, time="10")
+    config[cls.__name__].mpi_cmd = ["/venv/bin/mpiexec"]
+    config[cls.__name__].mpi_args = ["--bind-to", "none"]
+    launcher = cls(
+        work_dir=str(tmp_path),
+        config=config,
+        profile_dir=str(tmp_path / "profile"),
+        cluster_id="c1",
+        engine_set_id="7",
+    )
+    launcher.write_batch_script(3)
+    text = (tmp_path / launcher.batch_file_name).read_text()
+    submit = "sbatch" if system == "slurm" else "qsub"
+    assert launcher.find_args()[0] == submit
+    assert launcher.find_args()[-1] == str(tmp_path / launcher.batch_file_name)
+    last = text.splitlines()[-1]
+    assert last.startswith("exec /venv/bin/mpiexec")
+    # -n: one server per task; the engines are MPI engines of this cluster
+    assert " -n 3 --bind-to none " in last
+    assert last.endswith("-m ipyparallel.engine --mpi")
+    assert launcher.get_env()["IPP_CLUSTER_ID"] == "c1"  # exported to the job (--export=ALL, -V)
+    assert (tmp_path / launcher.batch_file_name).stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,11 @@ def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) ->
         ("3", "orion", "idle"),
     ]
     assert got["processes_while_running"] >= 5
+    # mpiexec started its daemons as a step of the job (srun), not over ssh
+    assert any(
+        step.startswith(f"{job_id}.") and "prted" in step and "orion" in step
+        for step in got["steps"]
+    ), got["steps"]
     assert got["left"] == []
     assert cluster.wait_queue_empty() == []
 

@@ -72,6 +72,11 @@ def in_job(kernel: str) -> None:
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
         emit(processes_while_running=len(cluster_processes(pid)))
+        # the job's steps: mpiexec's daemons, if it launched them through Slurm
+        steps = subprocess.run(
+            ["squeue", "-s", "-h", "-o", "%i %j %N"], capture_output=True, text=True
+        )
+        emit(steps=steps.stdout.splitlines())
     left = wait_gone(pid, timeout=15)
     emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
 
