@@ -86,9 +86,11 @@ def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) ->
     assert "CASA_KERNEL_NPROCS" not in install.stdout  # nothing sizes it but the job
     out = tmp_path / "job.out"
     env = job_env(cluster, JUPYTER_PATH=str(prefix / "share" / "jupyter"))
+    # Submitted, then followed with squeue: `sbatch --wait` polls at growing
+    # intervals and returned ~25 s after this job had ended.
     done = cluster.run(
         "sbatch",
-        "--wait",
+        "--parsable",
         "-N2",
         "-n5",
         f"--output={out}",
@@ -96,12 +98,12 @@ def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) ->
         "--wrap",
         f"{sys.executable} {DRIVER} in-job --kernel casa-mpi",
         env=env,
-        timeout=120,
-        check=False,
     )
+    job_id = done.stdout.strip().split(";")[0]
+    assert cluster.wait_queue_empty(timeout=120) == [], cluster.logs()
     text = out.read_text() if out.exists() else ""
-    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{text}\n{cluster.logs()}"
-    job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)  # type: ignore[union-attr]
+    state = cluster.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
+    assert state == "COMPLETED", f"{state}\n{text}\n{cluster.logs()}"
     got = report(text)
     assert got["host"] == "antares", text  # the job's first node (Slurm orders by name)
 
