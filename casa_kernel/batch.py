@@ -53,6 +53,8 @@ SLURM_ACTIVE = {
     "REQUEUE_HOLD",
     "REQUEUE_FED",
 }
+# Slurm end states that mean the job was ended from outside its script.
+ENDED_FROM_OUTSIDE = {"CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE", "NODE_FAIL", "BOOT_FAIL"}
 PBS_ACTIVE = {"Q", "R", "H", "W", "T", "S", "B", "E"}  # E: exiting, still has processes
 
 _TIME = re.compile(r"\d+(?:-\d+)?(?::\d+){0,2}\Z")  # minutes, h:m:s, d-h, d-h:m:s
@@ -346,6 +348,14 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
         self.notify_stop(  # type: ignore[attr-defined]
             {"job_id": self.job_id, "state": state, "exit_code": 0 if state == "COMPLETED" else 1}  # type: ignore[attr-defined]
         )
+
+    def ended_by_manager(self) -> bool:
+        """The job was ended from outside (scancel, time limit, preemption), not
+        by its mpiexec exiting after a server died."""
+        state = self.job_state.rstrip("+")
+        if self.system == "slurm":
+            return state in ENDED_FROM_OUTSIDE or state == "GONE"
+        return False  # PBS's qstat does not say why: treat as a server death
 
     def ended_message(self) -> str:
         """Why the servers are gone, naming the job: for the user."""

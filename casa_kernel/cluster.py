@@ -552,10 +552,11 @@ class CasaCluster:
         if job is not None:
             # The job was cancelled or ran out of time: say so instead of quietly
             # queueing a new one mid-cell; the next cell that needs servers does.
+            # (A server that died ends the job too: that is recovered as usual.)
             deadline = time.monotonic() + 5
             while self.engine_set_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not self.engine_set_alive():
+            if not self.engine_set_alive() and job.ended_by_manager():
                 self._servers_lost = True
                 raise ClusterError(
                     f"{job.ended_message()}: its {self.config.nservers} servers are gone. "

@@ -175,11 +175,20 @@ def test_servers_from_the_queue(cluster: Slurm, tmp_path: Path) -> None:
     assert {r[2] for r in ranks} == {6}  # one MPI world
     assert {r[1] for r in ranks} == {"antares", "orion"}  # servers on both nodes
 
+    # a server killed mid-cell: recovered as without Slurm, in a new job
+    killed = got["killed"]
+    assert killed["status"] == "ok", killed["traceback"] or killed["error"]
+    assert ast.literal_eval(killed["result"]) == [0, 1, 2, 3]
+    assert "started new servers and re-ran" in killed["stderr"], killed
+    (replacement,) = got["queue_after_kill"]
+    assert replacement.split()[0] != first_job, replacement
+    first_job = replacement.split()[0]
+
     cancelled = got["cancelled"]
     assert cancelled["status"] == "error"
     assert got["cancelled_jobs"] == [first_job]
     assert f"Slurm job {first_job} ended (CANCELLED" in cancelled["traceback"], cancelled
-    assert cancelled["seconds"] - parallel["seconds"] < 30  # not the cell's 60 s sleep
+    assert cancelled["seconds"] - killed["seconds"] < 30  # not the cell's 60 s sleep
 
     again = got["again"]
     assert again["status"] == "ok", again["traceback"] or again["error"]

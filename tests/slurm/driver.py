@@ -17,6 +17,7 @@ Two ways of running, each printing one JSON object per line on stdout:
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import signal
@@ -54,6 +55,7 @@ def summary(reply: Reply, started: float) -> dict[str, object]:
         "result": reply.result,
         "error": reply.error,
         "stdout": reply.stdout,
+        "stderr": reply.stderr,
         "traceback": reply.traceback[-3000:],
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -129,6 +131,16 @@ def in_queue(start: str, kill: bool) -> None:
             left = wait_gone(pid, timeout=15)
             emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
             return
+        # SIGKILL of one server mid-cell: its job ends, a new one is queued and
+        # the cell's work re-run there (the usual recovery)
+        pids = ast.literal_eval(
+            execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=30).result or "[]"
+        )
+        victim = threading.Timer(2.0, os.kill, (pids[1], signal.SIGKILL))
+        victim.start()
+        cell = "%%casa_parallel\nimport time\ntime.sleep(6)\nrank"
+        emit(killed=summary(execute(kc, cell, timeout=90), started), queue_after_kill=queue())
+        victim.join()
         # scancel the job while a cell runs on its servers
         jobs = [line.split()[0] for line in queue()]
 
