@@ -414,3 +414,50 @@ def test_config_of_a_batch_job() -> None:
     assert config.layout_source == "Slurm batch job (16 servers, time 2:00:00)"
     # no hostfile: mpiexec in the job reads the job's allocation
     assert "--hostfile" not in mpiexec_args(config.placement, None)
+
+
+# ------------------------------------------------------ %casa_cluster's batch options
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("start", None),
+        (
+            "start --slurm -n 17 --time 2:00:00 --partition P --account A "
+            "--sbatch-arg=--nodes=2 --sbatch-arg=--exclusive",
+            BatchJob("slurm", 16, "2:00:00", "P", "A", ("--nodes=2", "--exclusive")),
+        ),
+        ("restart --pbs -n 5", BatchJob("pbs", 4)),
+        ("start --slurm", BatchJob("slurm", 2)),  # N=3 as everywhere else
+    ],
+)
+def test_magic_batch_options(line: str, expected: BatchJob | None) -> None:
+    from IPython.core.magic_arguments import parse_argstring
+
+    from casa_kernel.magics import CasaMagics
+
+    args = parse_argstring(CasaMagics.casa_cluster, line)
+    assert CasaMagics._batch_job(None, args) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("start --slurm --pbs", "choose one of --slurm and --pbs"),
+        ("start --time 10", "--time only apply with --slurm or --pbs"),
+        ("start --sbatch-arg=-N2", "--sbatch-arg only apply with --slurm or --pbs"),
+        ("start --slurm --hostfile h", "--hostfile and --slurm/--pbs"),
+        ("start --slurm -n 1", "-n 1: N counts the client too"),
+        ("start --slurm --time soon", "--time 'soon'"),
+    ],
+)
+def test_magic_batch_option_errors(line: str, message: str) -> None:
+    from IPython.core.error import UsageError
+    from IPython.core.magic_arguments import parse_argstring
+
+    from casa_kernel.magics import CasaMagics
+
+    args = parse_argstring(CasaMagics.casa_cluster, line)
+    with pytest.raises((UsageError, ClusterError), match=re.escape(message)):
+        CasaMagics._batch_job(None, args)  # type: ignore[arg-type]
