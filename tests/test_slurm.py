@@ -73,17 +73,50 @@ def status_rows(text: str) -> tuple[str, list[list[str]]]:
 
 
 @pytest.mark.timeout(150)
-def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) -> None:
-    """sbatch -N2 -n5: the kernel (from a kernelspec with no -n/--hostfile) runs on
-    the first node, antares, and its 4 servers fill the job's other slots."""
+@pytest.mark.parametrize(
+    ("install_args", "job_args", "ranks", "title"),
+    [
+        (  # the mpicasa rule: the client holds one antares slot; servers antares 1, orion 3
+            [],
+            ["-N2", "-n5"],
+            [(0, "antares", 6), (1, "orion", 6), (2, "orion", 6), (3, "orion", 6)],
+            "client on antares, 4 servers, N=5 (Slurm job {job}: antares 2, orion 3)",
+        ),
+        (  # -n N inside a job: its first N slots
+            ["-n", "3"],
+            ["-N2", "-n5"],
+            [(0, "antares", 1), (1, "orion", 1)],
+            "client on antares, 2 servers, N=3 (Slurm job {job}: antares 2, orion 1)",
+        ),
+        (  # one node: everything local to it
+            [],
+            ["-N1", "-n3", "-w", "orion"],
+            [(0, "orion", 1), (1, "orion", 1)],
+            "client on orion, 2 servers, N=3 (Slurm job {job}: orion 3)",
+        ),
+    ],
+    ids=["2-nodes", "2-nodes-n3", "1-node"],
+)
+def test_kernel_in_a_job_fills_its_allocation(
+    cluster: Slurm,
+    tmp_path: Path,
+    install_args: list[str],
+    job_args: list[str],
+    ranks: list[tuple[int, str, int]],
+    title: str,
+) -> None:
+    """A batch job runs the kernel (started by jupyter_client from an installed
+    kernelspec) on its first node; the servers fill the job's other slots, one
+    MPI world (the allreduce of the ranks)."""
     prefix = tmp_path / "prefix"
     install = subprocess.run(
-        [f"{VENV_BIN}/casa-kernel", "install", "--prefix", str(prefix)],
+        [f"{VENV_BIN}/casa-kernel", "install", "--prefix", str(prefix), *install_args],
         capture_output=True,
         text=True,
     )
     assert install.returncode == 0, install.stderr
-    assert "CASA_KERNEL_NPROCS" not in install.stdout  # nothing sizes it but the job
+    # without -n nothing sizes the cluster but the job
+    assert ("CASA_KERNEL_NPROCS" in install.stdout) == bool(install_args)
     out = tmp_path / "job.out"
     env = job_env(cluster, JUPYTER_PATH=str(prefix / "share" / "jupyter"))
     # Submitted, then followed with squeue: `sbatch --wait` polls at growing
@@ -91,8 +124,7 @@ def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) ->
     done = cluster.run(
         "sbatch",
         "--parsable",
-        "-N2",
-        "-n5",
+        *job_args,
         f"--output={out}",
         f"--chdir={tmp_path}",
         "--wrap",
@@ -105,37 +137,24 @@ def test_kernel_in_a_job_fills_its_allocation(cluster: Slurm, tmp_path: Path) ->
     state = cluster.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
     assert state == "COMPLETED", f"{state}\n{text}\n{cluster.logs()}"
     got = report(text)
-    assert got["host"] == "antares", text  # the job's first node (Slurm orders by name)
+    client = ranks[0][1]
+    assert got["host"] == client, text  # the job's first node (Slurm orders by name)
 
     parallel = got["parallel"]
     assert parallel["status"] == "ok", parallel["traceback"] or parallel["error"]
-    # mpicasa: the client holds one antares slot; servers: antares 1, orion 3;
-    # one MPI world across both nodes (allreduce of ranks 0..3 = 6).
-    assert ast.literal_eval(parallel["result"]) == [
-        (0, "antares", 6),
-        (1, "orion", 6),
-        (2, "orion", 6),
-        (3, "orion", 6),
-    ]
+    assert ast.literal_eval(parallel["result"]) == ranks
     status = got["status"]
     assert status["status"] == "ok", status["traceback"] or status["error"]
-    title, rows = status_rows(status["result"])
-    assert title == (
-        "CASA cluster (running): client on antares, 4 servers, N=5 "
-        f"(Slurm job {job_id}: antares 2, orion 3)"
-    )
-    assert [(r[0], r[1], r[3]) for r in rows] == [
-        ("0", "antares", "idle"),
-        ("1", "orion", "idle"),
-        ("2", "orion", "idle"),
-        ("3", "orion", "idle"),
-    ]
-    assert got["processes_while_running"] >= 5
-    # mpiexec started its daemons as a step of the job (srun), not over ssh
-    assert any(
-        step.startswith(f"{job_id}.") and "prted" in step and "orion" in step
-        for step in got["steps"]
-    ), got["steps"]
+    got_title, rows = status_rows(status["result"])
+    assert got_title == "CASA cluster (running): " + title.format(job=job_id)
+    assert [(int(r[0]), r[1], r[3]) for r in rows] == [(r, h, "idle") for r, h, _ in ranks]
+    assert got["processes_while_running"] >= len(ranks) + 1
+    if any(host != client for _, host, _ in ranks):
+        # mpiexec started its daemons as a step of the job (srun), not over ssh
+        assert any(
+            step.startswith(f"{job_id}.") and "prted" in step and "orion" in step
+            for step in got["steps"]
+        ), got["steps"]
     assert got["left"] == []
     assert cluster.wait_queue_empty() == []
 
