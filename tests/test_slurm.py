@@ -82,12 +82,6 @@ def status_rows(text: str) -> tuple[str, list[list[str]]]:
             [(0, "antares", 6), (1, "orion", 6), (2, "orion", 6), (3, "orion", 6)],
             "client on antares, 4 servers, N=5 (Slurm job {job}: antares 2, orion 3)",
         ),
-        (  # -n N inside a job: its first N slots
-            ["-n", "3"],
-            ["-N2", "-n5"],
-            [(0, "antares", 1), (1, "orion", 1)],
-            "client on antares, 2 servers, N=3 (Slurm job {job}: antares 2, orion 1)",
-        ),
         (  # one node: everything local to it
             [],
             ["-N1", "-n3", "-w", "orion"],
@@ -95,7 +89,7 @@ def status_rows(text: str) -> tuple[str, list[list[str]]]:
             "client on orion, 2 servers, N=3 (Slurm job {job}: orion 3)",
         ),
     ],
-    ids=["2-nodes", "2-nodes-n3", "1-node"],
+    ids=["2-nodes", "1-node"],
 )
 def test_kernel_in_a_job_fills_its_allocation(
     cluster: Slurm,
@@ -230,12 +224,16 @@ def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
     """A pending job is shown with its reason; %casa_cluster stop cancels the job;
     SIGKILL of the kernel: its watchdog cancels the servers' job."""
     got = run_queue_driver(
-        cluster, tmp_path, "--kill", "--start", "%casa_cluster start --slurm -n 3 --time 5"
+        cluster,
+        tmp_path,
+        "--kill",
+        "--start",
+        "%casa_cluster start --slurm -n 3 --time 5 --sbatch-arg=--hold",
     )
     start = got["start"]
     assert start["status"] == "ok", start["traceback"] or start["error"]
-    # every CPU was taken by another job for 4 s: the cell said so, then went on
-    assert re.search(r"casa-kernel: Slurm job \d+ PENDING \(Resources\)", start["stdout"]), start
+    # the job was held for 3 s: the cell said so, with Slurm's reason, then went on
+    assert re.search(r"casa-kernel: Slurm job \d+ PENDING \(JobHeldUser\)", start["stdout"]), start
     assert re.search(r"casa-kernel: Slurm job \d+ RUNNING", start["stdout"]), start
     assert len(got["queue_while_running"]) == 1
     assert got["parallel"]["status"] == "ok"

@@ -87,21 +87,16 @@ def job_ids(text: str) -> list[str]:
     return [word for word in text.replace(",", " ").split() if word.isdigit()]
 
 
-def block_nodes(seconds: float) -> None:
-    """Fill every CPU with a job for ``seconds``, so the next job pends (Resources)."""
-    done = subprocess.run(
-        ["sbatch", "--parsable", "-n5", "--job-name=blocker", "--wrap", "sleep 300"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    blocker = done.stdout.strip().split(";")[0]
-    while not any(line.startswith(f"{blocker} RUNNING") for line in queue()):
-        time.sleep(0.1)
+def release_held_job(after: float) -> None:
+    """In the background: once our held job is queued, release it ``after`` seconds later."""
 
     def release() -> None:
-        time.sleep(seconds)
-        subprocess.run(["scancel", blocker], check=False)
+        held: list[str] = []
+        while not held:
+            held = [line.split()[0] for line in queue() if line.endswith("casa-servers")]
+            time.sleep(0.1)
+        time.sleep(after)
+        subprocess.run(["scontrol", "release", held[0]], check=False)
 
     threading.Thread(target=release, daemon=True).start()
 
@@ -113,14 +108,15 @@ def in_queue(start: str, kill: bool) -> None:
         emit(kernel_pid=pid, host=os.uname().nodename)
         execute(kc, "%casa_cluster stop", timeout=60)
         if kill:
-            block_nodes(4)
+            release_held_job(3)  # the start line holds the job (--hold): it pends
         emit(start=summary(execute(kc, start, timeout=120), started))
         emit(queue_while_running=queue())
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         if kill:
             emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
             emit(queue_after_stop=queue())
-            emit(start_again=summary(execute(kc, start, timeout=120), started))
+            again = start.replace(" --sbatch-arg=--hold", "")  # nobody releases it now
+            emit(start_again=summary(execute(kc, again, timeout=120), started))
             emit(queue_again=queue())
             os.kill(pid, signal.SIGKILL)
             km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
