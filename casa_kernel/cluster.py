@@ -634,6 +634,10 @@ class CasaCluster:
 
     def _track(self, launcher: Any) -> None:
         pid = getattr(launcher, "pid", -1)
+        if getattr(launcher, "cancel_command", None):
+            # A batch job: no process of ours, but the watchdog must be able to
+            # cancel it from now on, even while it is still pending.
+            self._report_pids()
         if pid and pid > 0:
             self._pids.add(pid)
             try:  # children now, in case the parent dies first

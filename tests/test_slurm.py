@@ -11,6 +11,7 @@ package is a failure, not a skip, so CI always runs it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -65,6 +66,15 @@ def report(text: str) -> dict[str, Any]:
         if line.startswith("{"):
             merged.update(json.loads(line))
     return merged
+
+
+@contextlib.contextmanager
+def explained(got: dict[str, Any]) -> Iterator[None]:
+    """On a failed assert, show the driver's whole report (what each cell said)."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- driver report:\n{json.dumps(got, indent=1)}") from None
 
 
 def status_rows(text: str) -> tuple[str, list[list[str]]]:
@@ -153,14 +163,16 @@ def test_kernel_in_a_job_fills_its_allocation(
     assert cluster.wait_queue_empty() == []
 
 
-def run_queue_driver(cluster: Slurm, tmp_path: Path, *args: str) -> dict[str, Any]:
+def run_queue_driver(
+    cluster: Slurm, tmp_path: Path, *args: str, mode: str = "queue"
+) -> dict[str, Any]:
     done = cluster.run(
         sys.executable,
         str(DRIVER),
-        "queue",
+        mode,
         *args,
         env=job_env(cluster),
-        timeout=140,
+        timeout=220,
         check=False,
     )
     got = report(done.stdout)
@@ -168,61 +180,67 @@ def run_queue_driver(cluster: Slurm, tmp_path: Path, *args: str) -> dict[str, An
     return got
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_servers_from_the_queue(cluster: Slurm, tmp_path: Path) -> None:
     """From the login node: one Slurm job of servers on both nodes; a scancel
     mid-cell is an error naming the job; the next cell gets a new job; stop and
     shutdown leave nothing in squeue or ps."""
     start = "%casa_cluster start --slurm -n 5 --time 10 --sbatch-arg=--nodes=2"
     got = run_queue_driver(cluster, tmp_path, "--start", start)
-    assert got["host"] == "login"
-    assert got["start"]["status"] == "ok", got["start"]["traceback"] or got["start"]["error"]
-    running = got["queue_while_running"]
-    assert len(running) == 1 and running[0].endswith("RUNNING casa-servers"), running
-    first_job = running[0].split()[0]
+    with explained(got):
+        assert got["host"] == "login"
+        assert got["start"]["status"] == "ok", got["start"]["traceback"] or got["start"]["error"]
+        running = got["queue_while_running"]
+        assert len(running) == 1 and running[0].endswith("RUNNING casa-servers"), running
+        first_job = running[0].split()[0]
 
-    parallel = got["parallel"]
-    assert parallel["status"] == "ok", parallel["traceback"] or parallel["error"]
-    ranks = ast.literal_eval(parallel["result"])
-    assert [r[0] for r in ranks] == [0, 1, 2, 3]
-    assert {r[2] for r in ranks} == {6}  # one MPI world
-    assert {r[1] for r in ranks} == {"antares", "orion"}  # servers on both nodes
+        parallel = got["parallel"]
+        assert parallel["status"] == "ok", parallel["traceback"] or parallel["error"]
+        ranks = ast.literal_eval(parallel["result"])
+        assert [r[0] for r in ranks] == [0, 1, 2, 3]
+        assert {r[2] for r in ranks} == {6}  # one MPI world
+        assert {r[1] for r in ranks} == {"antares", "orion"}  # servers on both nodes
 
-    # a server killed mid-cell: recovered as without Slurm, in a new job
-    killed = got["killed"]
-    assert killed["status"] == "ok", killed["traceback"] or killed["error"]
-    assert ast.literal_eval(killed["result"]) == [0, 1, 2, 3]
-    assert "started new servers and re-ran" in killed["stderr"], killed
-    (replacement,) = got["queue_after_kill"]
-    assert replacement.split()[0] != first_job, replacement
-    first_job = replacement.split()[0]
+        # a server killed mid-cell: recovered as without Slurm, in a new job
+        killed = got["killed"]
+        assert killed["status"] == "ok", killed["traceback"] or killed["error"]
+        assert ast.literal_eval(killed["result"]) == [0, 1, 2, 3]
+        assert "started new servers and re-ran" in killed["stderr"], killed
+        (replacement,) = got["queue_after_kill"]
+        assert replacement.split()[0] != first_job, replacement
+        first_job = replacement.split()[0]
 
-    cancelled = got["cancelled"]
-    assert cancelled["status"] == "error"
-    assert got["cancelled_jobs"] == [first_job]
-    assert f"Slurm job {first_job} ended (CANCELLED" in cancelled["traceback"], cancelled
-    assert cancelled["seconds"] - killed["seconds"] < 30  # not the cell's 60 s sleep
+        cancelled = got["cancelled"]
+        assert cancelled["status"] == "error"
+        assert got["cancelled_jobs"] == [first_job]
+        assert f"Slurm job {first_job} ended (CANCELLED" in cancelled["traceback"], cancelled
+        assert cancelled["seconds"] - killed["seconds"] < 30  # not the cell's 60 s sleep
 
-    again = got["again"]
-    assert again["status"] == "ok", again["traceback"] or again["error"]
-    assert [r[0] for r in ast.literal_eval(again["result"])] == [0, 1, 2, 3]
-    (second,) = got["queue_again"]
-    assert second.split()[0] != first_job and second.endswith("RUNNING casa-servers")
-    assert f"Slurm job {second.split()[0]} RUNNING" in got["status"]["result"]
+        again = got["again"]
+        assert again["status"] == "ok", again["traceback"] or again["error"]
+        assert [r[0] for r in ast.literal_eval(again["result"])] == [0, 1, 2, 3]
+        (second,) = got["queue_again"]
+        assert second.split()[0] != first_job and second.endswith("RUNNING casa-servers")
+        assert f"Slurm job {second.split()[0]} RUNNING" in got["status"]["result"]
 
-    # restart: the running job is cancelled and gone before a new one is queued
-    assert got["restart"]["status"] == "ok", got["restart"]["traceback"]
-    (third,) = got["queue_after_restart"]
-    assert third.split()[0] not in (first_job, second.split()[0])
-    # kernel shutdown with that job running: cancelled, nothing left anywhere
-    assert got["queue_after_shutdown"] == []
-    assert got["left"] == []
+        # restart: the running job is cancelled and gone before a new one is queued
+        assert got["restart"]["status"] == "ok", got["restart"]["traceback"]
+        (third,) = got["queue_after_restart"]
+        assert third.split()[0] not in (first_job, second.split()[0])
+        # stop: cancelled, the queue is empty; start again: one job
+        assert got["stop"]["status"] == "ok", got["stop"]["traceback"]
+        assert got["queue_after_stop"] == []
+        assert got["start_again"]["status"] == "ok", got["start_again"]["traceback"]
+        assert len(got["queue_again_running"]) == 1
+        # kernel shutdown with that job running: cancelled, nothing left anywhere
+        assert got["queue_after_shutdown"] == []
+        assert got["left"] == []
 
 
 @pytest.mark.timeout(150)
 def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
-    """A pending job is shown with its reason; %casa_cluster stop cancels the job;
-    SIGKILL of the kernel: its watchdog cancels the servers' job."""
+    """A pending job is shown with its reason; SIGKILL of the kernel, while its
+    job runs or while it is still pending: the watchdog cancels the job."""
     got = run_queue_driver(
         cluster,
         tmp_path,
@@ -237,9 +255,19 @@ def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
     assert re.search(r"casa-kernel: Slurm job \d+ RUNNING", start["stdout"]), start
     assert len(got["queue_while_running"]) == 1
     assert got["parallel"]["status"] == "ok"
-    assert got["stop"]["status"] == "ok"
-    assert got["queue_after_stop"] == []
-    assert got["start_again"]["status"] == "ok"
-    assert len(got["queue_again"]) == 1
+    assert got["queue_after_kill"] == []
+    assert got["left"] == []
+
+    # killed while its job is still pending: the watchdog knew the job already
+    got = run_queue_driver(
+        cluster,
+        tmp_path,
+        "--start",
+        "%casa_cluster start --slurm -n 3 --sbatch-arg=--hold",
+        mode="kill-pending",
+    )
+    assert "PENDING (JobHeldUser)" in got["pending_output"]
+    (pending,) = got["queue_while_pending"]
+    assert pending.endswith("PENDING casa-servers"), pending
     assert got["queue_after_kill"] == []
     assert got["left"] == []

@@ -113,11 +113,6 @@ def in_queue(start: str, kill: bool) -> None:
         emit(queue_while_running=queue())
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         if kill:
-            emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
-            emit(queue_after_stop=queue())
-            again = start.replace(" --sbatch-arg=--hold", "")  # nobody releases it now
-            emit(start_again=summary(execute(kc, again, timeout=120), started))
-            emit(queue_again=queue())
             os.kill(pid, signal.SIGKILL)
             km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
             deadline = time.monotonic() + 30
@@ -152,6 +147,10 @@ def in_queue(start: str, kill: bool) -> None:
         emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
         emit(restart=summary(execute(kc, "%casa_cluster restart", timeout=120), started))
         emit(queue_after_restart=queue())
+        emit(stop=summary(execute(kc, "%casa_cluster stop", timeout=60), started))
+        emit(queue_after_stop=queue())
+        emit(start_again=summary(execute(kc, start, timeout=120), started))
+        emit(queue_again_running=queue())
         # then the kernel's shutdown, with the job running
     left = wait_gone(pid, timeout=15)
     emit(
@@ -161,15 +160,41 @@ def in_queue(start: str, kill: bool) -> None:
     )
 
 
+def kill_pending(start: str) -> None:
+    """SIGKILL of the kernel while its servers' job is still pending (held)."""
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
+        pid = kernel_pid(km)
+        emit(kernel_pid=pid)
+        execute(kc, "%casa_cluster stop", timeout=60)
+        msg_id = kc.execute(start)
+        seen = ""
+        deadline = time.monotonic() + 60
+        while "PENDING (JobHeldUser)" not in seen and time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                seen += msg["content"]["text"]
+        emit(pending_output=seen, queue_while_pending=queue())
+        os.kill(pid, signal.SIGKILL)
+        km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while queue() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        emit(queue_after_kill=queue())
+    left = wait_gone(pid, timeout=15)
+    emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("mode", choices=["in-job", "queue"])
+    parser.add_argument("mode", choices=["in-job", "queue", "kill-pending"])
     parser.add_argument("--kernel", default="casa-mpi")
     parser.add_argument("--start", default="%casa_cluster start --slurm -n 5")
     parser.add_argument("--kill", action="store_true")
     args = parser.parse_args()
     if args.mode == "in-job":
         in_job(args.kernel)
+    elif args.mode == "kill-pending":
+        kill_pending(args.start)
     else:
         in_queue(args.start, args.kill)
 
