@@ -33,7 +33,7 @@ from ipyparallel.cluster.launcher import (
     PBSEngineSetLauncher,
     SlurmEngineSetLauncher,
 )
-from traitlets import Instance, List, Unicode, default
+from traitlets import Instance, List, Unicode
 
 from casa_kernel.errors import ClusterError
 
@@ -248,8 +248,9 @@ async def acall(command: Sequence[str], timeout: float = 30.0) -> tuple[int, str
     return proc.returncode or 0, out.decode("utf-8", "replace")
 
 
-class _BatchMPIMixin(BatchEngineSetLauncher):
-    """What the Slurm and PBS engine launchers share (see the module docstring)."""
+class _BatchMPIEngineSetLauncher(BatchEngineSetLauncher):
+    """What the Slurm and PBS engine launchers share (see the module docstring);
+    listed first in their bases, so these methods win over ipyparallel's."""
 
     system = "slurm"
     job = Instance(BatchJob, allow_none=True, config=True, help="what to ask the queue for")
@@ -262,23 +263,14 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
     job_reason = Unicode("")
     _watcher: asyncio.Task | None = None
     _submit_argv: list[str] | None = None
-    _kept_output: str = ""
-
-    @default("output_file")
-    def _default_output_file(self) -> str:
-        # Written on the job's first node: the log folder (the user's home, a
-        # shared file system on clusters), not the kernel's private /tmp folder.
-        folder = os.environ.get("CASA_KERNEL_LOG_DIR") or os.path.join(self.profile_dir, "log")
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f"{self.identifier}.log")
 
     @property
     def program(self) -> list[str]:  # type: ignore[override]
-        return self.engine_cmd + ["--mpi"]  # type: ignore[attr-defined]
+        return self.engine_cmd + ["--mpi"]
 
     @property
     def program_args(self) -> list[str]:  # type: ignore[override]
-        return self.cluster_args + self.engine_args  # type: ignore[attr-defined]
+        return self.cluster_args + self.engine_args
 
     def launch_command(self, n: int) -> list[str]:
         return [*self.mpi_cmd, "-n", str(n), *self.mpi_args, *self.program, *self.program_args]
@@ -288,6 +280,15 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
         job = self.job
         if job is None:
             raise ClusterError("no batch job configured")
+        # Written on the job's first node: into the log folder the kernel gives
+        # its servers (the user's home, shared on clusters), not the kernel's
+        # private /tmp folder, which other nodes do not have.
+        folder = self.environment.get("CASA_KERNEL_LOG_DIR") or os.environ.get(
+            "CASA_KERNEL_LOG_DIR"
+        )
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self.output_file = os.path.join(folder, f"{self.identifier}.log")
         text, argv = batch_script(
             job, self.launch_command(n), self.batch_file, self.output_file, self.note
         )
@@ -309,14 +310,14 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
 
     def describe_job(self) -> str:
         """``Slurm job 1234 PENDING (Resources)``."""
-        if not self.job_id:  # type: ignore[attr-defined]
+        if not self.job_id:
             return f"{self.manager} job not submitted yet"
         reason = f" ({self.job_reason})" if self.job_reason else ""
-        return f"{self.manager} job {self.job_id} {self.job_state or 'SUBMITTED'}{reason}"  # type: ignore[attr-defined]
+        return f"{self.manager} job {self.job_id} {self.job_state or 'SUBMITTED'}{reason}"
 
     @property
     def cancel_command(self) -> list[str] | None:
-        return cancel_command(self.system, self.job_id) if self.job_id else None  # type: ignore[attr-defined]
+        return cancel_command(self.system, self.job_id) if self.job_id else None
 
     def start(self, n: int = 1) -> str:
         job_id = super().start(n)  # type: ignore[misc]
@@ -325,7 +326,7 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
         return job_id
 
     async def _poll(self) -> tuple[str, str]:
-        rc, out = await acall(status_command(self.system, self.job_id))  # type: ignore[attr-defined]
+        rc, out = await acall(status_command(self.system, self.job_id))
         if rc != 0:
             # squeue: "Invalid job id specified" once the job is purged.
             if "invalid job id" in out.lower() or "unknown job id" in out.lower():
@@ -344,9 +345,8 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
             await asyncio.sleep(delay)
             # quick while the job starts, then every 2 s: squeue asks slurmctld
             delay = min(delay * 2, 2.0)
-        self._kept_output = self.get_output(remove=False) or ""
-        self.notify_stop(  # type: ignore[attr-defined]
-            {"job_id": self.job_id, "state": state, "exit_code": 0 if state == "COMPLETED" else 1}  # type: ignore[attr-defined]
+        self.notify_stop(
+            {"job_id": self.job_id, "state": state, "exit_code": 0 if state == "COMPLETED" else 1}
         )
 
     def ended_by_manager(self) -> bool:
@@ -359,48 +359,55 @@ class _BatchMPIMixin(BatchEngineSetLauncher):
 
     def ended_message(self) -> str:
         """Why the servers are gone, naming the job: for the user."""
-        return f"{self.manager} job {self.job_id} ended ({self.job_state})"  # type: ignore[attr-defined]
+        return f"{self.manager} job {self.job_id} ended ({self.job_state})"
 
     async def stop(self) -> dict[str, Any]:  # type: ignore[override]
         """Cancel the job and wait (30 s at most) until it has left the queue."""
-        if not self.job_id:  # type: ignore[attr-defined]
+        if not self.job_id:
             return {}
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
         if is_active(self.system, self.job_state or "PENDING"):
-            rc, out = await acall(cancel_command(self.system, self.job_id))  # type: ignore[attr-defined]
+            command = cancel_command(self.system, self.job_id)
+            rc, out = await acall(command)
+            if rc != 0:
+                raise ClusterError(
+                    f"{shlex.join(command)} failed (exit code {rc}): {out.strip()}; "
+                    f"the {self.manager} job may still be queued"
+                )
             deadline = time.monotonic() + 30
             delay = 0.05
-            while time.monotonic() < deadline:
-                state, reason = await self._poll()
-                self.job_state, self.job_reason = state, reason
-                if not is_active(self.system, state):
+            while is_active(self.system, self.job_state):
+                if time.monotonic() > deadline:
+                    self.log.warning("%s 30 s after %s", self.describe_job(), shlex.join(command))
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        data = {"job_id": self.job_id, "state": self.job_state}  # type: ignore[attr-defined]
-        self.notify_stop(data)  # type: ignore[attr-defined]
+                self.job_state, self.job_reason = await self._poll()
+        data = {"job_id": self.job_id, "state": self.job_state}
+        self.notify_stop(data)
         return data
 
     def get_output(self, remove: bool = True) -> str:
+        """The job's output (mpiexec's words); kept in the log folder, never removed."""
         try:
-            with open(self.output_file, errors="replace") as f:  # type: ignore[attr-defined]
+            with open(self.output_file, errors="replace") as f:
                 return f.read()
         except OSError:
-            return self._kept_output
+            return ""
 
     def _log_output(self, stop_data: Any = None) -> None:
-        pass  # keep the job's output for the error message; the folder is removed anyway
+        pass  # the output stays in its file, where error messages read it
 
 
-class SlurmMPIEngineSetLauncher(_BatchMPIMixin, SlurmEngineSetLauncher):
+class SlurmMPIEngineSetLauncher(_BatchMPIEngineSetLauncher, SlurmEngineSetLauncher):
     """Servers as ONE Slurm job running ``mpiexec`` over its tasks."""
 
     system = "slurm"
     batch_file_name = Unicode("casa_servers.sbatch", config=True)
 
 
-class PBSMPIEngineSetLauncher(_BatchMPIMixin, PBSEngineSetLauncher):
+class PBSMPIEngineSetLauncher(_BatchMPIEngineSetLauncher, PBSEngineSetLauncher):
     """Servers as ONE PBS job running ``mpiexec`` over its chunks."""
 
     system = "pbs"

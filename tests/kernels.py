@@ -59,7 +59,12 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
             reply.traceback = "\n".join(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             break
-    shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+    # Skip replies to other requests: a slow kernel start leaves a second
+    # kernel_info_reply from wait_for_ready() on the shell channel.
+    while True:
+        shell = kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
+        if shell["parent_header"].get("msg_id") == msg_id:
+            break
     reply.status = shell["content"]["status"]
     return reply
 

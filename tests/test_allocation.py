@@ -297,6 +297,7 @@ def test_launcher_writes_the_script_ipyparallel_submits(tmp_path, system: str) -
     config[cls.__name__].job = BatchJob(system, 3, time="10")
     config[cls.__name__].mpi_cmd = ["/venv/bin/mpiexec"]
     config[cls.__name__].mpi_args = ["--bind-to", "none"]
+    config[cls.__name__].environment = {"CASA_KERNEL_LOG_DIR": str(tmp_path / "logs")}
     launcher = cls(
         work_dir=str(tmp_path),
         config=config,
@@ -316,6 +317,9 @@ def test_launcher_writes_the_script_ipyparallel_submits(tmp_path, system: str) -
     assert last.endswith("-m ipyparallel.engine --mpi")
     assert launcher.get_env()["IPP_CLUSTER_ID"] == "c1"  # exported to the job (--export=ALL, -V)
     assert (tmp_path / launcher.batch_file_name).stat().st_mode & 0o777 == 0o700
+    # the job's output goes to the log folder (shared), not the kernel's private /tmp
+    assert launcher.output_file.startswith(str(tmp_path / "logs") + "/")
+    assert launcher.output_file in text
 
 
 @pytest.mark.parametrize(
