@@ -213,11 +213,7 @@ class Dispatcher:
         if any(h.died() for h in handles):
             return True
         client = self.cluster.client
-        if client is not None and len(client.ids) < self.cluster.config.nservers:
-            return True
-        # A batch job of servers cancelled (scancel, time limit): known at once,
-        # ~10 s before the controller misses their heartbeats.
-        return self.cluster.batch_launcher() is not None and not self.cluster.engine_set_alive()
+        return client is not None and len(client.ids) < self.cluster.config.nservers
 
     def _stop_running(self, client: Any, pending: list[Any]) -> None:
         """Abort queued work and interrupt the servers running ours."""
