@@ -114,6 +114,13 @@ def _run_install(args: argparse.Namespace) -> int:
     for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC):
         if key in env:
             print(f"  {key}={env[key]}")
+    if ENV_NPROCS not in env and ENV_HOSTFILE not in env:
+        from casa_kernel.kernelspec import DEFAULT_NPROCS
+
+        print(
+            "  cluster size: every slot of the batch job the kernel runs in "
+            f"(Slurm, PBS, LSF), else N={DEFAULT_NPROCS} on its machine"
+        )
     return EXIT_OK
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from casa_kernel import allocation
 from casa_kernel.errors import ClusterError, PlacementError
 from casa_kernel.hostfile import Placement, place, read_hostfile
 
@@ -110,8 +111,6 @@ class ClusterConfig:
         LSF: see :mod:`casa_kernel.allocation`) gives the hosts; ``batch`` asks
         for the servers as one job of the batch queue instead.
         """
-        from casa_kernel import allocation
-
         layout_source = None
         if batch is not None:
             placement, layout_source = allocation.batch_placement(batch.nservers, batch.describe())

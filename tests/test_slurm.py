@@ -121,6 +121,7 @@ def test_kernel_in_a_job_fills_its_allocation(
     assert install.returncode == 0, install.stderr
     # without -n nothing sizes the cluster but the job
     assert ("CASA_KERNEL_NPROCS" in install.stdout) == bool(install_args)
+    assert ("every slot of the batch job" in install.stdout) != bool(install_args)
     out = tmp_path / "job.out"
     env = job_env(cluster, JUPYTER_PATH=str(prefix / "share" / "jupyter"))
     # Submitted, then followed with squeue: `sbatch --wait` polls at growing
