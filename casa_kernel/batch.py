@@ -18,6 +18,7 @@ starts the servers as one MPI world, and they connect back to the controller.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -26,7 +27,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ipyparallel.cluster.launcher import (
     BatchEngineSetLauncher,
@@ -56,6 +57,9 @@ SLURM_ACTIVE = {
 # Slurm end states that mean the job was ended from outside its script.
 ENDED_FROM_OUTSIDE = {"CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE", "NODE_FAIL", "BOOT_FAIL"}
 PBS_ACTIVE = {"Q", "R", "H", "W", "T", "S", "B", "E"}  # E: exiting, still has processes
+
+#: A kernelspec's choice of servers from the batch queue (see parse_batch_spec).
+ENV_BATCH = "CASA_KERNEL_BATCH"
 
 _TIME = re.compile(r"\d+(?:-\d+)?(?::\d+){0,2}\Z")  # minutes, h:m:s, d-h, d-h:m:s
 
@@ -103,6 +107,34 @@ class BatchJob:
         if self.account:
             parts.append(f"account {self.account}")
         return f"{self.manager} batch job ({', '.join(parts)})"
+
+
+class _SpecParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would exit the kernel
+        raise ClusterError(f"{ENV_BATCH}: {message}")
+
+
+def parse_batch_spec(text: str, nservers: int) -> BatchJob:
+    """``CASA_KERNEL_BATCH`` (a kernelspec's servers-from-the-queue choice) as a job.
+
+    The words of ``%casa_cluster start``: ``slurm --time 2:00:00 --partition P
+    --account A --sbatch-arg=--nodes=2`` (or ``pbs ...``); N comes from -n as usual.
+    """
+    parser = _SpecParser(prog=ENV_BATCH, add_help=False)
+    parser.add_argument("system", choices=["slurm", "pbs"])
+    parser.add_argument("--time")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--sbatch-arg", dest="batch_args", action="append", default=[])
+    args = parser.parse_args(shlex.split(text))
+    return BatchJob(
+        args.system,
+        nservers,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        extra_args=tuple(args.batch_args),
+    )
 
 
 def batch_script(

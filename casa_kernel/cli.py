@@ -89,12 +89,25 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="a site MPI's mpiexec (default: the one installed in this environment)",
     )
+    p.add_argument(
+        "--batch",
+        metavar="SPEC",
+        help="servers from the batch queue at kernel start, e.g. "
+        "--batch 'slurm --time 2:00:00 --partition P' (the words of %%casa_cluster "
+        "start --slurm; N from -n)",
+    )
     p.set_defaults(func=_run_install)
 
 
 def _run_install(args: argparse.Namespace) -> int:
     from casa_kernel.kernelspec import ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS, install
 
+    extra_env = None
+    if args.batch:
+        from casa_kernel.batch import ENV_BATCH, parse_batch_spec
+
+        parse_batch_spec(args.batch, 1)  # a bad spec fails here, before anything is written
+        extra_env = {ENV_BATCH: args.batch}
     destination = install(
         kernel_name=args.name,
         user=args.user,
@@ -104,6 +117,7 @@ def _run_install(args: argparse.Namespace) -> int:
         nprocs=args.nprocs,
         hostfile=args.hostfile,
         mpiexec=args.mpiexec,
+        env=extra_env,
     )
     # Jupyter lowercases the name: report the one it installed under.
     print(f"Installed kernelspec {os.path.basename(destination)} in {destination}")
@@ -111,10 +125,10 @@ def _run_install(args: argparse.Namespace) -> int:
     # user sees is what Jupyter will use.
     with open(os.path.join(destination, "kernel.json"), encoding="utf-8") as f:
         env = json.load(f).get("env", {})
-    for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC):
+    for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC, "CASA_KERNEL_BATCH"):
         if key in env:
             print(f"  {key}={env[key]}")
-    if ENV_NPROCS not in env and ENV_HOSTFILE not in env:
+    if ENV_NPROCS not in env and ENV_HOSTFILE not in env and "CASA_KERNEL_BATCH" not in env:
         from casa_kernel.kernelspec import DEFAULT_NPROCS
 
         print(

@@ -152,6 +152,14 @@ class ClusterConfig:
             timeout = float(raw_timeout) if raw_timeout else DEFAULT_START_TIMEOUT
         except ValueError:
             raise ClusterError(f"{ENV_START_TIMEOUT}={raw_timeout!r} is not a number") from None
+        batch = None
+        spec = env.get("CASA_KERNEL_BATCH", "").strip()  # casa_kernel.batch.ENV_BATCH
+        if spec:
+            from casa_kernel.batch import parse_batch_spec
+
+            if nprocs is not None and nprocs < 2:
+                raise PlacementError(f"{ENV_NPROCS}={nprocs}: N counts the client too")
+            batch = parse_batch_spec(spec, (nprocs or DEFAULT_NPROCS) - 1)
         return cls.from_options(
             nprocs=nprocs,
             hostfile=env.get(ENV_HOSTFILE) or None,
@@ -160,6 +168,7 @@ class ClusterConfig:
             start_timeout=timeout,
             controller_location=env.get(ENV_CONTROLLER_LOCATION, "").strip() or None,
             env=env,
+            batch=batch,
         )
 
 

@@ -465,3 +465,61 @@ def test_magic_batch_option_errors(line: str, message: str) -> None:
     args = parse_argstring(CasaMagics.casa_cluster, line)
     with pytest.raises((UsageError, ClusterError), match=re.escape(message)):
         CasaMagics._batch_job(None, args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("slurm", BatchJob("slurm", 2)),
+        (
+            "slurm --time 2:00:00 --partition P --account A --sbatch-arg=--nodes=2",
+            BatchJob("slurm", 2, "2:00:00", "P", "A", ("--nodes=2",)),
+        ),
+        ("pbs --partition workq", BatchJob("pbs", 2, partition="workq")),
+    ],
+)
+def test_batch_spec(spec: str, expected: BatchJob) -> None:
+    from casa_kernel.batch import parse_batch_spec
+
+    assert parse_batch_spec(spec, 2) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lsf", "CASA_KERNEL_BATCH: argument system: invalid choice: 'lsf'"),
+        ("slurm --walltime 5", "CASA_KERNEL_BATCH: unrecognized arguments: --walltime 5"),
+        ("slurm --time forever", "--time 'forever'"),
+    ],
+)
+def test_bad_batch_spec(spec: str, message: str) -> None:
+    from casa_kernel.batch import parse_batch_spec
+
+    with pytest.raises(ClusterError, match=re.escape(message)):
+        parse_batch_spec(spec, 2)
+
+
+def test_config_from_a_kernelspec_with_servers_from_the_queue() -> None:
+    from casa_kernel.cluster import ClusterConfig
+
+    env = {"CASA_KERNEL_NPROCS": "17", "CASA_KERNEL_BATCH": "slurm --time 2:00:00"}
+    config = ClusterConfig.from_env(env)
+    assert config.batch == BatchJob("slurm", 16, "2:00:00")
+    assert ClusterConfig.from_env({"CASA_KERNEL_BATCH": "pbs"}).batch == BatchJob("pbs", 2)
+
+
+def test_install_records_the_batch_choice(tmp_path, capsys) -> None:
+    import json
+
+    from casa_kernel.cli import EXIT_OK, EXIT_USAGE, main
+
+    spec = "slurm --time 2:00:00 --sbatch-arg=--nodes=2"
+    assert main(["install", "--prefix", str(tmp_path), "-n", "17", "--batch", spec]) == EXIT_OK
+    kernel = tmp_path / "share" / "jupyter" / "kernels" / "casa-mpi" / "kernel.json"
+    env = json.loads(kernel.read_text())["env"]
+    assert env == {"CASA_KERNEL_NPROCS": "17", "CASA_KERNEL_BATCH": spec}
+    assert f"CASA_KERNEL_BATCH={spec}" in capsys.readouterr().out
+    # a bad choice fails before anything is written
+    other = tmp_path / "other"
+    assert main(["install", "--prefix", str(other), "--batch", "slurm --time soon"]) == EXIT_USAGE
+    assert not other.exists()

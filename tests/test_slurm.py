@@ -259,13 +259,11 @@ def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
     assert got["queue_after_kill"] == []
     assert got["left"] == []
 
-    # killed while its job is still pending: the watchdog knew the job already
+    # a kernelspec with servers from the queue (CASA_KERNEL_BATCH): the job is
+    # submitted at kernel start; killed while that job pends, the watchdog
+    # cancels it
     got = run_queue_driver(
-        cluster,
-        tmp_path,
-        "--start",
-        "%casa_cluster start --slurm -n 3 --sbatch-arg=--hold",
-        mode="kill-pending",
+        cluster, tmp_path, "--batch", "slurm --time 5 --sbatch-arg=--hold", mode="kill-pending"
     )
     assert "PENDING (JobHeldUser)" in got["pending_output"]
     (pending,) = got["queue_while_pending"]

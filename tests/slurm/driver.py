@@ -12,6 +12,9 @@ Two ways of running, each printing one JSON object per line on stdout:
     an SPMD cell, status, a cell during which the job is cancelled (scancel),
     the next cell (a new job), then stop; or, with ``--kill``, SIGKILL of the
     kernel while its job runs (the watchdog must cancel it).
+``kill-pending``
+    A kernel whose kernelspec asks for servers from the queue
+    (``CASA_KERNEL_BATCH``) is killed while their job is held in the queue.
 """
 
 from __future__ import annotations
@@ -160,13 +163,14 @@ def in_queue(start: str, kill: bool) -> None:
     )
 
 
-def kill_pending(start: str) -> None:
-    """SIGKILL of the kernel while its servers' job is still pending (held)."""
-    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
+def kill_pending(spec: str) -> None:
+    """A kernelspec whose servers come from the queue (CASA_KERNEL_BATCH): the
+    kernel submits their job at start; SIGKILL of the kernel while it pends."""
+    env = kernel_env(CASA_KERNEL_NPROCS="3", CASA_KERNEL_BATCH=spec)
+    with running_kernel(env) as (km, kc):
         pid = kernel_pid(km)
         emit(kernel_pid=pid)
-        execute(kc, "%casa_cluster stop", timeout=60)
-        msg_id = kc.execute(start)
+        msg_id = kc.execute("%casa_cluster status")  # waits for the servers
         seen = ""
         deadline = time.monotonic() + 60
         while "PENDING (JobHeldUser)" not in seen and time.monotonic() < deadline:
@@ -190,11 +194,12 @@ def main() -> None:
     parser.add_argument("--kernel", default="casa-mpi")
     parser.add_argument("--start", default="%casa_cluster start --slurm -n 5")
     parser.add_argument("--kill", action="store_true")
+    parser.add_argument("--batch", default="slurm --sbatch-arg=--hold")
     args = parser.parse_args()
     if args.mode == "in-job":
         in_job(args.kernel)
     elif args.mode == "kill-pending":
-        kill_pending(args.start)
+        kill_pending(args.batch)
     else:
         in_queue(args.start, args.kill)
 
