@@ -64,6 +64,24 @@ class CasaMagics(Magics):
         action="store_true",
         help="without a hostfile, allow more than 8 servers per core of this machine",
     )
+    @argument(
+        "--slurm",
+        action="store_true",
+        help="servers from the batch queue: submit ONE Slurm job of N-1 tasks whose mpiexec "
+        "starts them (one MPI world); cancelled on stop, restart and kernel shutdown",
+    )
+    @argument("--pbs", action="store_true", help="as --slurm, with PBS (qsub)")
+    @argument("--time", default=None, help="wall time of the batch job (e.g. 2:00:00)")
+    @argument("--partition", default=None, help="Slurm partition / PBS queue")
+    @argument("--account", default=None, help="account to charge the batch job to")
+    @argument(
+        "--sbatch-arg",
+        dest="batch_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more sbatch/qsub argument, repeatable: --sbatch-arg=--nodes=2",
+    )
     def casa_cluster(self, line: str) -> Any:
         """Start, stop, restart the CASA cluster, or show its servers.
 
@@ -75,6 +93,10 @@ class CasaMagics(Magics):
             %casa_cluster status
             %casa_cluster restart -n 5
             %casa_cluster start --hostfile hosts.txt
+            %casa_cluster start --slurm -n 17 --time 2:00:00 --partition debug
+
+        Inside a batch job (Slurm, PBS, LSF) without -n or --hostfile the
+        cluster fills the job's allocation; -n N takes its first N slots.
         """
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
@@ -111,10 +133,41 @@ class CasaMagics(Magics):
             overrides["mpiexec"] = args.mpiexec
         if args.oversubscribe:  # (else the kernelspec's CASA_KERNEL_OVERSUBSCRIBE)
             overrides["oversubscribe"] = True
+        batch = self._batch_job(args)
+        if batch is not None:  # a new job (else a restart keeps the current one)
+            overrides["batch"] = batch
         current = self.session.cluster
         if current is not None:
             return current.config.replace(**overrides) if overrides else current.config
         return ClusterConfig.from_env(**overrides) if overrides else None
+
+    def _batch_job(self, args: Any) -> Any:
+        """The BatchJob of --slurm/--pbs, or None (options checked here)."""
+        if args.slurm and args.pbs:
+            raise UsageError("choose one of --slurm and --pbs")
+        if not (args.slurm or args.pbs):
+            given = [f"--{n}" for n in ("time", "partition", "account") if getattr(args, n)]
+            if args.batch_args:
+                given.append("--sbatch-arg")
+            if given:
+                raise UsageError(f"{', '.join(given)} only apply with --slurm or --pbs")
+            return None
+        if args.hostfile:
+            raise UsageError("--hostfile and --slurm/--pbs: the batch system places the servers")
+        from casa_kernel.batch import BatchJob
+        from casa_kernel.config import DEFAULT_NPROCS
+
+        nprocs = DEFAULT_NPROCS if args.nprocs is None else args.nprocs
+        if nprocs < 2:
+            raise UsageError(f"-n {nprocs}: N counts the client too, so at least 2")
+        return BatchJob(
+            "slurm" if args.slurm else "pbs",
+            nprocs - 1,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            extra_args=tuple(args.batch_args),
+        )
 
     def _status(self) -> display.StatusTable:
         # Waits only for a first start (it has a deadline); never for servers
@@ -124,7 +177,7 @@ class CasaMagics(Magics):
             wait_ready(cluster)
         rows = status_rows(cluster)  # may start replacing dead servers: state after it
         placement = cluster.config.placement
-        source = placement.hostfile or "localhost"
+        source = cluster.layout_source() or placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
         client_host = placement.client_host if placement.hostfile else socket.gethostname()
         title = (
