@@ -79,14 +79,6 @@ class _BatchMPIEngineSetLauncher(BatchEngineSetLauncher):
     _watcher: asyncio.Task | None = None
     _submit_argv: list[str] | None = None
 
-    @property
-    def program(self) -> list[str]:  # type: ignore[override]
-        return self.engine_cmd + ["--mpi"]
-
-    @property
-    def program_args(self) -> list[str]:  # type: ignore[override]
-        return self.cluster_args + self.engine_args
-
     def _spec(self, n: int) -> LaunchSpec:
         # No hostfile: mpiexec in the job reads the job's allocation by itself.
         return LaunchSpec(self.mpi_cmd[0], n, None, False, tuple(self.extra_mpi_args))
@@ -99,9 +91,10 @@ class _BatchMPIEngineSetLauncher(BatchEngineSetLauncher):
     def launch_command(self, n: int) -> list[str]:
         """The servers' mpiexec command line, run by the job script."""
         environ = {**os.environ, **self.get_env()}
-        argv, _ = mpiexec_command(
-            self._spec(n), self.program + self.program_args, environ, running_as_root()
-        )
+        # ipyparallel's own program/program_args are for its script templates
+        # (and are reset when engine_args change): the engines as MPI engines.
+        program = [*self.engine_cmd, "--mpi", *self.cluster_args, *self.engine_args]
+        argv, _ = mpiexec_command(self._spec(n), program, environ, running_as_root())
         return argv
 
     def write_batch_script(self, n: int = 1) -> None:

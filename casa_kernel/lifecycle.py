@@ -144,13 +144,10 @@ class CasaCluster:
         while True:
             state = self._state
             if state is State.RUNNING:
-                if self._engines.lost:  # their batch job ended: queue a new one
-                    self.replace(self._engines.lost)
-                    continue
-                missing = servers.missing(self)
-                if not missing:
+                gone = servers.gone(self)  # dead servers, or their batch job ended
+                if not gone:
                     return self.client
-                self.replace(f"{missing} stopped answering the controller")
+                self.replace(gone)
                 continue
             if state in (State.STOPPED, State.STOPPING):
                 raise ClusterError("the cluster is not running: %casa_cluster start")
@@ -180,13 +177,7 @@ class CasaCluster:
 
     def recover(self, timeout: float | None = None) -> str:
         """After a server died during a cell: wait for new servers; say why."""
-        self._engines.wait_stopped(DEATH_REPORT_WAIT)
-        if self._engines.lost:  # cancelled or out of time: not quietly queued anew
-            raise ClusterError(
-                f"{self._engines.lost}: its {self.config.nservers} servers are gone. "
-                "The next cell that needs servers submits a new job."
-            )
-        self.replace(self._engines.cause())
+        self.replace(self._engines.death(DEATH_REPORT_WAIT))
         self.wait_ready(timeout)
         self.take_notices()  # the caller tells the cause, with what it re-ran
         return self.last_cause
@@ -215,10 +206,6 @@ class CasaCluster:
         self._loop.close()
         self.janitor.remove_late_files()
         servers.close_log(self)
-
-    def layout_source(self) -> str | None:
-        """Where the layout came from, if not a hostfile (batch job, allocation)."""
-        return servers.layout_source(self)
 
     def status(self) -> list[servers.ServerInfo]:  # never waits on the servers
         return servers.status_rows(self)

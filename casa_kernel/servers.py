@@ -174,8 +174,16 @@ class EngineSet:
         if not self._ours and not self.lost:
             self.cluster.replace(self.cause())
 
-    def wait_stopped(self, timeout: float) -> bool:
-        return self._stopped.wait(timeout)
+    def death(self, timeout: float) -> str:
+        """Why the servers died during a cell, once mpiexec has said it (``timeout``
+        at most); a batch job ended from outside is an error, not quietly re-queued."""
+        self._stopped.wait(timeout)
+        if self.lost:
+            raise ClusterError(
+                f"{self.lost}: its {self.cluster.config.nservers} servers are gone. "
+                "The next cell that needs servers submits a new job."
+            )
+        return self.cause()
 
     def cause(self) -> str:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
@@ -222,6 +230,15 @@ def start_timed_out(cluster: CasaCluster, timeout: float) -> ClusterError:
         f"servers not ready after {timeout:g} s ({cluster.note}); the start was stopped"
         + (f"\nmpiexec said:\n{output}" if output else "")
     )
+
+
+def gone(cluster: CasaCluster) -> str:
+    """Why servers must be replaced before use ('' if none must): their batch job
+    ended (a new job is queued), or the controller no longer lists some."""
+    if cluster._engines.lost:
+        return cluster._engines.lost
+    lost = missing(cluster)
+    return f"{lost} stopped answering the controller" if lost else ""
 
 
 def missing(cluster: CasaCluster) -> str:

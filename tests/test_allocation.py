@@ -441,10 +441,10 @@ def test_config_of_a_batch_job() -> None:
 def test_magic_batch_options(line: str, expected: BatchJob | None) -> None:
     from IPython.core.magic_arguments import parse_argstring
 
-    from casa_kernel.magics import CasaMagics
+    from casa_kernel.magics import CasaMagics, batch_job
 
     args = parse_argstring(CasaMagics.casa_cluster, line)
-    assert CasaMagics._batch_job(None, args) == expected  # type: ignore[arg-type]
+    assert batch_job(args) == expected
 
 
 @pytest.mark.parametrize(
@@ -462,11 +462,11 @@ def test_magic_batch_option_errors(line: str, message: str) -> None:
     from IPython.core.error import UsageError
     from IPython.core.magic_arguments import parse_argstring
 
-    from casa_kernel.magics import CasaMagics
+    from casa_kernel.magics import CasaMagics, batch_job
 
     args = parse_argstring(CasaMagics.casa_cluster, line)
     with pytest.raises((UsageError, ClusterError), match=re.escape(message)):
-        CasaMagics._batch_job(None, args)  # type: ignore[arg-type]
+        batch_job(args)
 
 
 @pytest.mark.parametrize(

@@ -252,8 +252,10 @@ def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
     start = got["start"]
     assert start["status"] == "ok", start["traceback"] or start["error"]
     # the job was held for 3 s: the cell said so, with Slurm's reason, then went on
-    assert re.search(r"casa-kernel: Slurm job \d+ PENDING \(JobHeldUser\)", start["stdout"]), start
-    assert re.search(r"casa-kernel: Slurm job \d+ RUNNING", start["stdout"]), start
+    # (the start's live display, as text: "casa-kernel: starting the CASA cluster: ...
+    # (Slurm job 12 PENDING (JobHeldUser); 0/2 servers registered)")
+    assert re.search(r"\(Slurm job \d+ PENDING \(JobHeldUser\); 0/2", start["display"]), start
+    assert re.search(r"\(Slurm job \d+ RUNNING; \d/2 servers registered", start["display"]), start
     assert len(got["queue_while_running"]) == 1
     assert got["parallel"]["status"] == "ok"
     assert got["queue_after_kill"] == []

@@ -59,6 +59,10 @@ def summary(reply: Reply, started: float) -> dict[str, object]:
         "error": reply.error,
         "stdout": reply.stdout,
         "stderr": reply.stderr,
+        # the live displays (the start's progress) as text, every update
+        "display": "\n".join(
+            content["data"].get("text/plain", "") for _, content in reply.display_messages()
+        ),
         "traceback": reply.traceback[-3000:],
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -175,8 +179,12 @@ def kill_pending(spec: str) -> None:
         deadline = time.monotonic() + 60
         while "PENDING (JobHeldUser)" not in seen and time.monotonic() < deadline:
             msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
                 seen += msg["content"]["text"]
+            elif msg["msg_type"] in ("display_data", "update_display_data"):
+                seen += msg["content"]["data"].get("text/plain", "") + "\n"
         emit(pending_output=seen, queue_while_pending=queue())
         os.kill(pid, signal.SIGKILL)
         km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
