@@ -525,3 +525,50 @@ def test_install_records_the_batch_choice(tmp_path, capsys) -> None:
     other = tmp_path / "other"
     assert main(["install", "--prefix", str(other), "--batch", "slurm --time soon"]) == EXIT_USAGE
     assert not other.exists()
+
+
+def test_replace_rereads_the_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart inside a job reads the job again (the kernel's environment)."""
+    from casa_kernel.config import ClusterConfig
+
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    config = ClusterConfig.from_env(SLURM_ENV, nprocs=3)
+    assert config.hostfile is None  # the layout's source is no file
+    again = config.replace()
+    assert again.placement.servers == ("antares", "orion")  # -n 3 kept
+    assert again.layout_source == "Slurm job 1234: antares 2, orion 1"
+    bigger = config.replace(nprocs=5)
+    assert bigger.layout_source == "Slurm job 1234: antares 2, orion 3"
+    monkeypatch.setenv("SLURM_JOB_ID", "1235")  # a new job: the restart follows it
+    assert config.replace().layout_source == "Slurm job 1235: antares 2, orion 1"
+
+
+def test_replace_keeps_resizes_or_leaves_the_queue(tmp_path) -> None:
+    from casa_kernel.config import BATCH_START_TIMEOUT, ClusterConfig
+
+    job = BatchJob("slurm", 4, time="10")
+    config = ClusterConfig.from_options(batch=job)
+    assert config.requested_nprocs == 5
+    assert config.replace().batch == job  # restart: a new job of the same kind
+    resized = config.replace(nprocs=3)
+    assert resized.batch == BatchJob("slurm", 2, time="10") and resized.nservers == 2
+    other = BatchJob("pbs", 6, partition="workq")
+    assert config.replace(nprocs=7, batch=other).batch == other  # --pbs -n 7
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=3\n")
+    local = config.replace(hostfile=str(hosts))  # a hostfile places the servers
+    assert local.batch is None and local.layout_source is None and local.nservers == 2
+    assert local.start_timeout == BATCH_START_TIMEOUT  # (kept, as every other setting)
+    with pytest.raises(PlacementError, match="N counts the client too"):
+        config.replace(nprocs=1)
+
+
+def test_kernelspec_hostfile_override_leaves_its_queue(tmp_path) -> None:
+    from casa_kernel.config import ClusterConfig
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=3\n")
+    env = {"CASA_KERNEL_BATCH": "slurm --time 5"}
+    assert ClusterConfig.from_env(env, nprocs=4).batch == BatchJob("slurm", 3, "5")
+    assert ClusterConfig.from_env(env, hostfile=str(hosts)).batch is None
