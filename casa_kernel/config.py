@@ -244,7 +244,10 @@ class ClusterConfig:
             hostfile=hostfile,  # type: ignore[arg-type]
             mpiexec=self.mpiexec if mpiexec is _UNSET or mpiexec is None else mpiexec,  # type: ignore[arg-type]
             extra_mpi_args=self.extra_mpi_args,
-            start_timeout=self.start_timeout,
+            # leaving the queue: the kernelspec's timeout, not the queue's hour
+            start_timeout=_env_timeout(os.environ)
+            if self.batch is not None and batch is None
+            else self.start_timeout,
             controller_location=self.controller_location,
             preload_casa=self.preload_casa,
             oversubscribe=self.oversubscribe if oversubscribe is _UNSET else oversubscribe,  # type: ignore[arg-type]

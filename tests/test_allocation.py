@@ -559,7 +559,7 @@ def test_replace_keeps_resizes_or_leaves_the_queue(tmp_path) -> None:
     hosts.write_text("localhost slots=3\n")
     local = config.replace(hostfile=str(hosts))  # a hostfile places the servers
     assert local.batch is None and local.layout_source is None and local.nservers == 2
-    assert local.start_timeout == BATCH_START_TIMEOUT  # (kept, as every other setting)
+    assert local.start_timeout < BATCH_START_TIMEOUT  # not the queue's hour any more
     with pytest.raises(PlacementError, match="N counts the client too"):
         config.replace(nprocs=1)
 
