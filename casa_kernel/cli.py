@@ -79,7 +79,8 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=(
             "total MPI processes, the client (this kernel) included, as mpicasa -n N; "
-            f"default: every hostfile slot, or {DEFAULT_NPROCS} without a hostfile"
+            "default: every hostfile slot; without a hostfile, every slot of the batch "
+            f"job (Slurm, PBS, LSF) the kernel runs in, else {DEFAULT_NPROCS}"
         ),
     )
     p.add_argument("--hostfile", metavar="F", help="OpenMPI-syntax hostfile (slots=K per host)")
@@ -88,12 +89,25 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="a site MPI's mpiexec (default: the one installed in this environment)",
     )
+    p.add_argument(
+        "--batch",
+        metavar="SPEC",
+        help="servers from the batch queue at kernel start, e.g. "
+        "--batch 'slurm --time 2:00:00 --partition P' (the words of %%casa_cluster "
+        "start --slurm; N from -n)",
+    )
     p.set_defaults(func=_run_install)
 
 
 def _run_install(args: argparse.Namespace) -> int:
+    from casa_kernel.batch import ENV_BATCH, parse_batch_spec
+    from casa_kernel.config import DEFAULT_NPROCS
     from casa_kernel.kernelspec import ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS, install
 
+    extra_env = None
+    if args.batch:
+        parse_batch_spec(args.batch, 1)  # a bad spec fails here, before anything is written
+        extra_env = {ENV_BATCH: args.batch}
     destination = install(
         kernel_name=args.name,
         user=args.user,
@@ -103,6 +117,7 @@ def _run_install(args: argparse.Namespace) -> int:
         nprocs=args.nprocs,
         hostfile=args.hostfile,
         mpiexec=args.mpiexec,
+        env=extra_env,
     )
     # Jupyter lowercases the name: report the one it installed under.
     print(f"Installed kernelspec {os.path.basename(destination)} in {destination}")
@@ -110,9 +125,14 @@ def _run_install(args: argparse.Namespace) -> int:
     # user sees is what Jupyter will use.
     with open(os.path.join(destination, "kernel.json"), encoding="utf-8") as f:
         env = json.load(f).get("env", {})
-    for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC):
+    for key in (ENV_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC, ENV_BATCH):
         if key in env:
             print(f"  {key}={env[key]}")
+    if ENV_NPROCS not in env and ENV_HOSTFILE not in env and ENV_BATCH not in env:
+        print(
+            "  cluster size: every slot of the batch job the kernel runs in "
+            f"(Slurm, PBS, LSF), else N={DEFAULT_NPROCS} on its machine"
+        )
     return EXIT_OK
 
 

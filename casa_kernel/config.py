@@ -6,20 +6,29 @@ start/restart -n N --hostfile F --mpiexec M`` replaces only the settings it name
 (:meth:`ClusterConfig.replace`): the kernelspec's hostfile, extra mpiexec
 arguments, start timeout and controller location survive a restart with a new N.
 
+Without a hostfile, a batch allocation the kernel runs in (Slurm, PBS, LSF:
+:mod:`casa_kernel.allocation`) gives the hosts, read again at every (re)start;
+``batch`` (``--slurm``/``--pbs``, or ``CASA_KERNEL_BATCH``) asks for the servers
+as ONE job of the batch queue instead (:mod:`casa_kernel.batch`).
+
 Pure apart from reading the hostfile and looking up mpiexec; imports nothing
 heavy, so ``casa-kernel install`` stays quick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from casa_kernel import allocation
+from casa_kernel.batch import ENV_BATCH, BatchJob, parse_batch_spec
 from casa_kernel.errors import ClusterError, PlacementError
 from casa_kernel.hostfile import OVERSUBSCRIBE_VAR, Placement, local_cores, place, read_hostfile
 
@@ -47,10 +56,13 @@ CONFIG_ENV_KEYS = (
     ENV_CONTROLLER_LOCATION,
     ENV_PRELOAD,
     OVERSUBSCRIBE_VAR,
+    ENV_BATCH,
 )
 
 DEFAULT_NPROCS = 3  # 1 client + 2 servers, as `casa-kernel install` without options
 DEFAULT_START_TIMEOUT = 120.0
+# Servers from the batch queue may wait for their job to start: an hour.
+BATCH_START_TIMEOUT = 3600.0
 
 _UNSET = object()
 
@@ -71,10 +83,19 @@ class ClusterConfig:
     preload_casa: bool = True
     # Lift the cap on servers per core of this machine (no hostfile only).
     oversubscribe: bool = False
+    # Where the layout came from when not a hostfile, for status
+    # ("Slurm job 1234: antares 2, orion 3"); None: a hostfile or this machine.
+    layout_source: str | None = None
+    batch: BatchJob | None = None  # servers from the batch queue (one job)
 
     @property
     def nservers(self) -> int:
         return len(self.placement.servers)
+
+    @property
+    def hostfile(self) -> str | None:
+        """The user's hostfile (None when the layout came from a batch allocation)."""
+        return None if self.layout_source is not None else self.placement.hostfile
 
     @classmethod
     def from_options(
@@ -87,22 +108,38 @@ class ClusterConfig:
         controller_location: str | None = None,
         preload_casa: bool = True,
         oversubscribe: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        batch: BatchJob | None = None,
     ) -> ClusterConfig:
         """Validate everything that can be checked before launching anything.
 
         ``oversubscribe`` (None: from ``CASA_KERNEL_OVERSUBSCRIBE``) lifts the cap
-        on servers per core of this machine when there is no hostfile.
+        on servers per core of this machine when there is no hostfile. Without a
+        hostfile, the batch allocation described by ``env`` (default
+        ``os.environ``) gives the hosts; ``batch`` asks the queue for the servers.
         """
+        env = os.environ if env is None else env
         if oversubscribe is None:
-            oversubscribe = env_flag(os.environ, OVERSUBSCRIBE_VAR, default=False)
+            oversubscribe = env_flag(env, OVERSUBSCRIBE_VAR, default=False)
         if hostfile:
             hostfile = os.path.abspath(os.path.expanduser(hostfile))
-        hosts = read_hostfile(hostfile) if hostfile else None
-        if nprocs is None and not hostfile:
-            nprocs = DEFAULT_NPROCS
-        placement = place(
-            nprocs, hosts, hostfile or None, cores=local_cores(), oversubscribe=oversubscribe
-        )
+        layout_source = None
+        found = None if hostfile or batch else allocation.detect(env)
+        if batch is not None:
+            placement, layout_source = allocation.batch_placement(batch.nservers, batch.describe())
+            start_timeout = max(start_timeout, BATCH_START_TIMEOUT)
+            nprocs = batch.nservers + 1
+        elif found is not None:
+            found = found.client_first(socket.gethostname())
+            placement = allocation.place_in(found, nprocs)
+            layout_source = allocation.describe_placement(found.source, placement)
+        else:
+            hosts = read_hostfile(hostfile) if hostfile else None
+            if nprocs is None and not hostfile:
+                nprocs = DEFAULT_NPROCS
+            placement = place(
+                nprocs, hosts, hostfile or None, cores=local_cores(), oversubscribe=oversubscribe
+            )
         return cls(
             placement,
             find_mpiexec(mpiexec),
@@ -112,6 +149,8 @@ class ClusterConfig:
             requested_nprocs=nprocs,
             preload_casa=bool(preload_casa),
             oversubscribe=oversubscribe,
+            layout_source=layout_source,
+            batch=batch,
         )
 
     @classmethod
@@ -126,14 +165,17 @@ class ClusterConfig:
         start_timeout: float | object = _UNSET,
         controller_location: str | None | object = _UNSET,
         oversubscribe: bool | object = _UNSET,
+        batch: BatchJob | None | object = _UNSET,
     ) -> ClusterConfig:
         """The kernelspec's configuration (``env``, default ``os.environ``), with overrides.
 
         A setting given as a keyword replaces the variable, which is then not even
         read (a bad ``CASA_KERNEL_NPROCS`` does not stop ``start -n 3``). A new
-        hostfile without a new N uses every slot of that hostfile.
+        hostfile without a new N uses every slot of that hostfile. A hostfile
+        given as a keyword leaves the kernelspec's batch queue (``CASA_KERNEL_BATCH``).
         """
         env = os.environ if env is None else env
+        hostfile_given = hostfile is not _UNSET
         if hostfile is not _UNSET and nprocs is _UNSET:
             nprocs = None
         if nprocs is _UNSET:
@@ -150,6 +192,9 @@ class ClusterConfig:
             controller_location = env.get(ENV_CONTROLLER_LOCATION, "").strip() or None
         if oversubscribe is _UNSET:
             oversubscribe = env_flag(env, OVERSUBSCRIBE_VAR, default=False)
+        if batch is _UNSET:
+            spec = env.get(ENV_BATCH, "").strip()
+            batch = _env_batch(spec, nprocs) if spec and not hostfile_given else None  # type: ignore[arg-type]
         return cls.from_options(
             nprocs=nprocs,  # type: ignore[arg-type]
             hostfile=hostfile,  # type: ignore[arg-type]
@@ -159,6 +204,8 @@ class ClusterConfig:
             controller_location=controller_location,  # type: ignore[arg-type]
             preload_casa=env_flag(env, ENV_PRELOAD, default=True),
             oversubscribe=oversubscribe,  # type: ignore[arg-type]
+            env=env,
+            batch=batch,  # type: ignore[arg-type]
         )
 
     def replace(
@@ -168,16 +215,28 @@ class ClusterConfig:
         hostfile: str | None | object = _UNSET,
         mpiexec: str | None | object = _UNSET,
         oversubscribe: bool | object = _UNSET,
+        batch: BatchJob | None | object = _UNSET,
     ) -> ClusterConfig:
         """This configuration with the settings a ``%casa_cluster`` line names.
 
         Everything else (hostfile unless replaced, extra mpiexec arguments, start
         timeout, controller location) is kept; the result is validated again.
+        A batch allocation the kernel runs in is read again. Servers from the
+        queue stay so (a new ``-n`` resizes the job) unless a hostfile is given;
+        ``batch`` gives a new job.
         """
+        if batch is _UNSET:
+            batch = self.batch
+            if hostfile is not _UNSET:
+                batch = None  # a hostfile places the servers: not the queue
+            elif batch is not None and isinstance(nprocs, int):
+                if nprocs < 2:
+                    raise PlacementError(f"-n {nprocs}: N counts the client too, so at least 2")
+                batch = dataclasses.replace(batch, nservers=nprocs - 1)
         if hostfile is _UNSET:
-            hostfile = self.placement.hostfile
+            hostfile = self.hostfile
             if nprocs is _UNSET:
-                nprocs = self.requested_nprocs
+                nprocs = self.requested_nprocs if self.batch is None else None
         elif nprocs is _UNSET:
             nprocs = None  # a new hostfile without -n: all of its slots
         return ClusterConfig.from_options(
@@ -185,10 +244,14 @@ class ClusterConfig:
             hostfile=hostfile,  # type: ignore[arg-type]
             mpiexec=self.mpiexec if mpiexec is _UNSET or mpiexec is None else mpiexec,  # type: ignore[arg-type]
             extra_mpi_args=self.extra_mpi_args,
-            start_timeout=self.start_timeout,
+            # leaving the queue: the kernelspec's timeout, not the queue's hour
+            start_timeout=_env_timeout(os.environ)
+            if self.batch is not None and batch is None
+            else self.start_timeout,
             controller_location=self.controller_location,
             preload_casa=self.preload_casa,
             oversubscribe=self.oversubscribe if oversubscribe is _UNSET else oversubscribe,  # type: ignore[arg-type]
+            batch=batch,  # type: ignore[arg-type]
         )
 
 
@@ -202,6 +265,13 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "no", "false", "off"):
         return False
     raise ClusterError(f"{name}={env.get(name)!r} is neither 1/yes/true/on nor 0/no/false/off")
+
+
+def _env_batch(spec: str, nprocs: int | None) -> BatchJob:
+    """``CASA_KERNEL_BATCH``'s job, sized by N (the client counted)."""
+    if nprocs is not None and nprocs < 2:
+        raise PlacementError(f"{ENV_NPROCS}={nprocs}: N counts the client too")
+    return parse_batch_spec(spec, (nprocs or DEFAULT_NPROCS) - 1)
 
 
 def _env_nprocs(env: Mapping[str, str]) -> int | None:

@@ -342,7 +342,8 @@ class StartProgress:
     def __call__(self, message: str) -> None:
         self.waited = True
         registered = 0
-        match = re.match(r"(\d+)/\d+ servers registered", message)
+        # (a batch job's note starts with the job: "Slurm job 12 RUNNING; 1/4 servers ...")
+        match = re.search(r"(\d+)/\d+ servers registered", message)
         if match:
             registered = int(match.group(1))
         elif message.startswith("servers registered") or message == "running":

@@ -4,6 +4,8 @@ Nothing of a cluster may outlive it: every process it started (controller,
 mpiexec/prterun, servers, their nannies) is tracked here, reported to the
 watchdog (which ends them if the kernel dies) and reaped at stop; the private
 folder (connection files, hostfile) is owner-only and removed at stop.
+Servers from the batch queue are no processes of ours: their job's cancel
+command (``scancel ID``) is kept instead, run at stop and by the watchdog.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import psutil
+
+# The watchdog's hook: (pids, folders, batch-job cancel commands).
+OnChange = Callable[[set[int], set[str], list[list[str]]], None]
 
 
 def reap(pids: Iterable[int], grace: float = 3.0) -> None:
@@ -56,12 +62,22 @@ def kill_now(pids: Iterable[int]) -> None:
             pass
 
 
+def cancel_quietly(command: list[str], timeout: float = 30.0) -> None:
+    """Run a batch job's cancel command; its failure (job gone, no scheduler) is
+    not ours to report here: the launcher's stop reports a failed cancel."""
+    try:
+        subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
 class Janitor:
     """Pids and the private folder of one cluster; thread-safe."""
 
-    def __init__(self, on_change: Callable[[set[int], set[str]], None] | None = None):
+    def __init__(self, on_change: OnChange | None = None):
         self._lock = threading.Lock()
         self._pids: set[int] = set()
+        self._jobs: dict[int, list[str]] = {}  # id(launcher) -> its job's cancel command
         self.workdir: str | None = None
         self.removed: list[str] = []
         self.on_change = on_change  # the watchdog's hook
@@ -73,7 +89,13 @@ class Janitor:
         return self.workdir
 
     def track(self, launcher: Any) -> None:
-        """A launcher's process and its children (now, in case the parent dies first)."""
+        """A launcher's process and its children (now, in case the parent dies first),
+        or its batch job (known from submission on, so even a pending job is cancelled)."""
+        command = getattr(launcher, "cancel_command", None)
+        if command:
+            with self._lock:
+                self._jobs[id(launcher)] = list(command)
+            self._report()
         pid = getattr(launcher, "pid", -1)
         if not pid or pid <= 0:
             return
@@ -92,6 +114,12 @@ class Janitor:
     def forget(self, pids: Iterable[int]) -> None:
         with self._lock:
             self._pids.difference_update(pids)
+        self._report()
+
+    def forget_job(self, launcher: Any) -> None:
+        """A batch job that has left the queue (its servers were replaced)."""
+        with self._lock:
+            self._jobs.pop(id(launcher), None)
         self._report()
 
     def pids(self) -> set[int]:
@@ -114,10 +142,16 @@ class Janitor:
                 os.chmod(os.path.join(root, name), 0o600)
 
     def clean(self, grace: float = 3.0) -> None:
-        """Reap every tracked process and remove the folder."""
+        """Cancel the batch job (if a clean stop did not), reap every tracked
+        process and remove the folder."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for command in jobs:  # cancelling a job that has ended is harmless
+            cancel_quietly(command)
         reap(self.pids(), grace=grace)
         with self._lock:
             self._pids.clear()
+            self._jobs.clear()
             folder, self.workdir = self.workdir, None
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -133,4 +167,5 @@ class Janitor:
         if self.on_change is not None:
             with self._lock:
                 pids, folders = set(self._pids), {self.workdir} if self.workdir else set()
-            self.on_change(pids, folders)
+                jobs = list(self._jobs.values())
+            self.on_change(pids, folders, jobs)

@@ -8,6 +8,9 @@ kernelspec's ``env``, which the kernel reads at start (see
 
 ``CASA_KERNEL_NPROCS``
     N, the total process count *including the client*, as ``mpicasa -n N``.
+    Without it and without a hostfile (the default of ``casa-kernel install``)
+    the kernel fills the batch allocation it runs in, or runs DEFAULT_NPROCS
+    processes on its own machine outside any batch job.
 ``CASA_KERNEL_HOSTFILE``
     Absolute path of an OpenMPI-syntax hostfile.
 ``CASA_KERNEL_MPIEXEC``
@@ -28,7 +31,8 @@ import tempfile
 from importlib import resources
 from typing import Any
 
-from casa_kernel.config import DEFAULT_NPROCS, ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS
+from casa_kernel.config import DEFAULT_NPROCS as DEFAULT_NPROCS  # re-exported: cli, docs
+from casa_kernel.config import ENV_HOSTFILE, ENV_MPIEXEC, ENV_NPROCS
 from casa_kernel.errors import CasaKernelError
 from casa_kernel.hostfile import place, read_hostfile
 
@@ -87,15 +91,15 @@ def cluster_env(
     line), :class:`~casa_kernel.errors.PlacementError` or :class:`KernelSpecError`.
     """
     env: dict[str, str] = {}
-    if nprocs is None and hostfile is None:
-        # Recorded rather than left implicit, so the installed spec says what runs.
-        nprocs = DEFAULT_NPROCS
     hosts = None
     if hostfile is not None:
         hostfile = os.path.abspath(os.path.expanduser(os.fspath(hostfile)))
         hosts = read_hostfile(hostfile)
-    # place() owns the rules on N (whole number, >= 2, fits the slots).
-    place(nprocs, hosts, hostfile)
+    # Neither: nothing recorded, so the kernel sizes its cluster from the batch
+    # allocation it runs in (Slurm, PBS, LSF), else DEFAULT_NPROCS on this machine.
+    if nprocs is not None or hostfile is not None:
+        # place() owns the rules on N (whole number, >= 2, fits the slots).
+        place(nprocs, hosts, hostfile)
     if nprocs is not None:
         env[ENV_NPROCS] = str(nprocs)
     if hostfile is not None:

@@ -60,7 +60,7 @@ class LaunchSpec:
 
     mpiexec: str
     nservers: int
-    hostfile: str
+    hostfile: str | None  # None: mpiexec reads the batch job's allocation itself
     local: bool  # every server on this machine
     extra_args: tuple[str, ...] = ()
 
@@ -97,7 +97,9 @@ def mpiexec_command(
     """
     added = mpi_environment(spec.local, as_root, environ)
     seen = {**environ, **added}
-    argv = [spec.mpiexec, "-n", str(spec.nservers), "--hostfile", spec.hostfile]
+    argv = [spec.mpiexec, "-n", str(spec.nservers)]
+    if spec.hostfile:
+        argv += ["--hostfile", spec.hostfile]
     # Binding more ranks than cores fails on small machines ("request to bind
     # ... more cpus than are available"); --bind-to none keeps the slot check.
     argv += ["--bind-to", "none"]

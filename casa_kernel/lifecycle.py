@@ -144,10 +144,10 @@ class CasaCluster:
         while True:
             state = self._state
             if state is State.RUNNING:
-                missing = servers.missing(self)
-                if not missing:
+                gone = servers.gone(self)  # dead servers, or their batch job ended
+                if not gone:
                     return self.client
-                self.replace(f"{missing} stopped answering the controller")
+                self.replace(gone)
                 continue
             if state in (State.STOPPED, State.STOPPING):
                 raise ClusterError("the cluster is not running: %casa_cluster start")
@@ -177,8 +177,7 @@ class CasaCluster:
 
     def recover(self, timeout: float | None = None) -> str:
         """After a server died during a cell: wait for new servers; say why."""
-        self._engines.wait_stopped(DEATH_REPORT_WAIT)
-        self.replace(self._engines.cause())
+        self.replace(self._engines.death(DEATH_REPORT_WAIT))
         self.wait_ready(timeout)
         self.take_notices()  # the caller tells the cause, with what it re-ran
         return self.last_cause

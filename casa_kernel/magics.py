@@ -24,7 +24,37 @@ from casa_kernel.config import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
 from casa_kernel.progress import status_rows, wait_ready
+from casa_kernel.servers import layout_source
 from casa_kernel.session import ClusterSession
+
+
+def _batch_arguments(magic: Any) -> Any:
+    """``%casa_cluster``'s options for servers from the batch queue (see batch_job)."""
+    for decorator in reversed(
+        [
+            argument(
+                "--slurm",
+                action="store_true",
+                help="servers from the batch queue: submit ONE Slurm job of N-1 tasks whose "
+                "mpiexec starts them (one MPI world); cancelled on stop, restart and kernel "
+                "shutdown",
+            ),
+            argument("--pbs", action="store_true", help="as --slurm, with PBS (qsub)"),
+            argument("--time", default=None, help="wall time of the batch job (e.g. 2:00:00)"),
+            argument("--partition", default=None, help="Slurm partition / PBS queue"),
+            argument("--account", default=None, help="account to charge the batch job to"),
+            argument(
+                "--sbatch-arg",
+                dest="batch_args",
+                action="append",
+                default=[],
+                metavar="ARG",
+                help="one more sbatch/qsub argument, repeatable: --sbatch-arg=--nodes=2",
+            ),
+        ]
+    ):
+        magic = decorator(magic)
+    return magic
 
 
 @magics_class
@@ -50,7 +80,8 @@ class CasaMagics(Magics):
         type=int,
         default=None,
         help="total number of processes N, as `mpicasa -n N`: this kernel (the client) "
-        "plus N-1 servers",
+        "plus N-1 servers; inside a batch job (Slurm, PBS, LSF) its first N slots, "
+        "without -n and --hostfile all of them",
     )
     @argument(
         "--hostfile",
@@ -64,6 +95,7 @@ class CasaMagics(Magics):
         action="store_true",
         help="without a hostfile, allow more than 8 servers per core of this machine",
     )
+    @_batch_arguments
     def casa_cluster(self, line: str) -> Any:
         """Start, stop, restart the CASA cluster, or show its servers.
 
@@ -75,6 +107,7 @@ class CasaMagics(Magics):
             %casa_cluster status
             %casa_cluster restart -n 5
             %casa_cluster start --hostfile hosts.txt
+            %casa_cluster start --slurm -n 17 --time 2:00:00 --partition debug
         """
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
@@ -111,6 +144,8 @@ class CasaMagics(Magics):
             overrides["mpiexec"] = args.mpiexec
         if args.oversubscribe:  # (else the kernelspec's CASA_KERNEL_OVERSUBSCRIBE)
             overrides["oversubscribe"] = True
+        if (batch := batch_job(args)) is not None:  # new job (a restart keeps the current)
+            overrides["batch"] = batch
         current = self.session.cluster
         if current is not None:
             return current.config.replace(**overrides) if overrides else current.config
@@ -124,7 +159,7 @@ class CasaMagics(Magics):
             wait_ready(cluster)
         rows = status_rows(cluster)  # may start replacing dead servers: state after it
         placement = cluster.config.placement
-        source = placement.hostfile or "localhost"
+        source = layout_source(cluster) or placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
         client_host = placement.client_host if placement.hostfile else socket.gethostname()
         title = (
@@ -222,6 +257,35 @@ class CasaMagics(Magics):
         if result.failures:
             raise RemoteError(result.failures, results=result.per_submms)
         return result.merged
+
+
+def batch_job(args: Any) -> Any:
+    """The BatchJob of --slurm/--pbs, or None (options checked here)."""
+    if args.slurm and args.pbs:
+        raise UsageError("choose one of --slurm and --pbs")
+    if not (args.slurm or args.pbs):
+        given = [f"--{n}" for n in ("time", "partition", "account") if getattr(args, n)]
+        if args.batch_args:
+            given.append("--sbatch-arg")
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --slurm or --pbs")
+        return None
+    if args.hostfile:
+        raise UsageError("--hostfile and --slurm/--pbs: the batch system places the servers")
+    from casa_kernel.batch import BatchJob
+    from casa_kernel.config import DEFAULT_NPROCS
+
+    nprocs = DEFAULT_NPROCS if args.nprocs is None else args.nprocs
+    if nprocs < 2:
+        raise UsageError(f"-n {nprocs}: N counts the client too, so at least 2")
+    return BatchJob(
+        "slurm" if args.slurm else "pbs",
+        nprocs - 1,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        extra_args=tuple(args.batch_args),
+    )
 
 
 def _parse(magic: Any, line: str) -> Any:

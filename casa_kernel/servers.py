@@ -1,7 +1,12 @@
 """The servers of a cluster: one engine set started, watched, replaced; their status.
 
 Split from :mod:`casa_kernel.lifecycle` (which owns the state) so each room
-stays small: here is what talks to ipyparallel about engines.
+stays small: here is what talks to ipyparallel about engines. The engine set is
+one mpiexec run by the kernel (:class:`~casa_kernel.launcher.CasaEngineSetLauncher`)
+or one batch job of servers (:mod:`casa_kernel.batch_launcher`); a job ended
+from outside (scancel, time limit) is not replaced behind the user's back: the
+cell that was running says so, and the next one that needs servers queues a
+new job.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ class EngineSet:
         self._stop_data: Any = None
         self._stopped = threading.Event()
         self._ours = False  # stopped by us (a replacement), not by a death
+        self.lost = ""  # why the servers' batch job ended from outside ("" if it did not)
+
+    def job(self) -> Any:
+        """The batch job launcher of the current engine set (None: mpiexec run here)."""
+        launcher = self.launcher
+        return launcher if launcher is not None and hasattr(launcher, "describe_job") else None
 
     async def start(self) -> Any:
         """Launch the servers, wait until all registered, set them up; the client."""
@@ -64,7 +75,7 @@ class EngineSet:
         ipp, n = c._ipp, c.config.nservers
         c.note = f"controller up; mpiexec starting {n} servers"
         self._stopped = threading.Event()
-        self._ours = False
+        self._ours, self.lost = False, ""
         es_id = await ipp.start_engines(n)
         self.id, self.launcher = es_id, ipp.engines[es_id]
         self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
@@ -74,14 +85,21 @@ class EngineSet:
         waiting = client.wait_for_engines(
             n, block=False, timeout=c.config.start_timeout, interactive=False
         )
+        registered = asyncio.wrap_future(waiting)
+        job = self.job()
+        while job is not None and not registered.done():
+            # "Slurm job 12 PENDING (Resources); 0/4 servers registered"
+            c.note = f"{job.describe_job()}; {len(client.ids)}/{n} servers registered"
+            await asyncio.wait([registered], timeout=0.5)
         try:
-            await asyncio.wrap_future(waiting)
+            await registered
         except Exception as exc:
             import ipyparallel
 
             if isinstance(exc, ipyparallel.error.EngineError):
+                what = job.ended_message() if job is not None else "mpiexec exited"
                 raise ClusterError(
-                    f"mpiexec exited before all {n} servers registered "
+                    f"{what} before all {n} servers registered "
                     f"({len(client.ids)} did)\nmpiexec said:\n{self.output()}"
                 ) from None
             raise
@@ -117,12 +135,14 @@ class EngineSet:
             kill_now(old_pids)  # stuck or stopped servers honour nothing else
         if self.id in c._ipp.engines:
             self._ours = True
-            try:
+            try:  # (a batch job: cancelled, and gone from the queue)
                 await asyncio.wait_for(c._ipp.stop_engines(self.id), timeout=UNREGISTER_TIMEOUT)
             except Exception as exc:
                 log.warning("stopping the old engine set: %r", exc)
-        await asyncio.get_running_loop().run_in_executor(None, reap, old_pids, 1.0)
+        if c.config.placement.is_local:  # remote pids are other processes here
+            await asyncio.get_running_loop().run_in_executor(None, reap, old_pids, 1.0)
         c.janitor.forget(old_pids)
+        c.janitor.forget_job(self.launcher)
         c.stuck, c._views = {}, {}  # servers stay listed (as "replacing") until new ones
         client = c.client
         deadline = time.monotonic() + UNREGISTER_TIMEOUT
@@ -145,12 +165,25 @@ class EngineSet:
         if es_id != self.id:
             return
         self._stop_data = stop_data
+        job = self.job()
+        if not self._ours and job is not None and job.ended_by_manager():
+            # Not replaced now: the running cell (recover) says so, the next
+            # cell that needs servers (wait_ready) queues a new job.
+            self.lost = job.ended_message()
         self._stopped.set()
-        if not self._ours:
+        if not self._ours and not self.lost:
             self.cluster.replace(self.cause())
 
-    def wait_stopped(self, timeout: float) -> bool:
-        return self._stopped.wait(timeout)
+    def death(self, timeout: float) -> str:
+        """Why the servers died during a cell, once mpiexec has said it (``timeout``
+        at most); a batch job ended from outside is an error, not quietly re-queued."""
+        self._stopped.wait(timeout)
+        if self.lost:
+            raise ClusterError(
+                f"{self.lost}: its {self.cluster.config.nservers} servers are gone. "
+                "The next cell that needs servers submits a new job."
+            )
+        return self.cause()
 
     def cause(self) -> str:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
@@ -199,6 +232,15 @@ def start_timed_out(cluster: CasaCluster, timeout: float) -> ClusterError:
     )
 
 
+def gone(cluster: CasaCluster) -> str:
+    """Why servers must be replaced before use ('' if none must): their batch job
+    ended (a new job is queued), or the controller no longer lists some."""
+    if cluster._engines.lost:
+        return cluster._engines.lost
+    lost = missing(cluster)
+    return f"{lost} stopped answering the controller" if lost else ""
+
+
 def missing(cluster: CasaCluster) -> str:
     """'server rank 1 on vm' for servers the controller no longer lists ('' if none)."""
     client = cluster.client
@@ -211,6 +253,15 @@ def missing(cluster: CasaCluster) -> str:
     ranks = ", ".join(str(rank) for rank, _ in gone)
     hosts = ", ".join(sorted({host for _, host in gone}))
     return f"server rank {ranks} on {hosts}"
+
+
+def layout_source(cluster: CasaCluster) -> str | None:
+    """Where the layout came from when not a hostfile: the batch job with its
+    id and state ("Slurm job 12 RUNNING, 4 servers") or the allocation."""
+    job = cluster._engines.job()
+    if job is not None and job.job_id:
+        return f"{job.describe_job()}, {cluster.config.nservers} servers"
+    return cluster.config.layout_source
 
 
 def status_rows(cluster: CasaCluster) -> list[ServerInfo]:
@@ -247,9 +298,15 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     import ipyparallel as ipp
 
     config, placement = cluster.config, cluster.config.placement
-    hostfile = os.path.join(workdir, "servers.hostfile")
-    with open(hostfile, "w") as f:
-        f.write(placement.server_hostfile_text())
+    launcher_class: type = CasaEngineSetLauncher
+    if config.batch is not None:  # the servers are ONE job of the batch queue
+        from casa_kernel.batch_launcher import LAUNCHERS
+
+        launcher_class = LAUNCHERS[config.batch.system]
+    else:
+        hostfile = os.path.join(workdir, "servers.hostfile")
+        with open(hostfile, "w") as f:
+            f.write(placement.server_hostfile_text())
     as_root = running_as_root()
     if as_root and not _said["root"]:
         _said["root"] = True
@@ -260,7 +317,7 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     log_dir = env.get("CASA_KERNEL_LOG_DIR") or workdir
     ipp_log = _file_logger(cluster, os.path.join(log_dir, f"casa-kernel-{os.getpid()}-cluster.log"))
     ipp_cluster = ipp.Cluster(
-        engine_launcher_class=CasaEngineSetLauncher,
+        engine_launcher_class=launcher_class,
         n=config.nservers,
         profile_dir=os.path.join(workdir, "profile"),
         cluster_id=f"casa-kernel-{os.getpid()}",
@@ -277,14 +334,21 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
         shutdown_atexit=True,
         log=ipp_log,
     )
-    launcher = ipp_cluster.config.CasaEngineSetLauncher
+    launcher = ipp_cluster.config[launcher_class.__name__]
     launcher.mpi_cmd = [config.mpiexec]
-    launcher.hostfile = hostfile
-    launcher.all_local = placement.is_local
     launcher.extra_mpi_args = list(config.extra_mpi_args)
     launcher.environment = env
-    launcher.output_log = ipp_log.casa_kernel_path
     launcher.engine_args = list(ENGINE_ARGS)
+    if config.batch is not None:
+        launcher.job = config.batch
+        launcher.note = (
+            f"servers of the casa-kernel client pid {os.getpid()} on {socket.gethostname()}; "
+            "it cancels this job when it stops"
+        )
+    else:
+        launcher.hostfile = hostfile
+        launcher.all_local = placement.is_local
+        launcher.output_log = ipp_log.casa_kernel_path
     ipp_cluster.config.LocalControllerLauncher.environment = {
         **env,
         **mpi_environment(placement.is_local, as_root, os.environ),

@@ -12,6 +12,7 @@ Run as ``python -m casa_kernel.watchdog``; driven by :class:`Watchdog`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -48,10 +49,17 @@ class Watchdog:
             except (BrokenPipeError, ValueError):
                 pass
 
-    def watch(self, pids: set[int], folders: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        """Replace the set of processes to end; add folders to remove at the end."""
+    def watch(
+        self,
+        pids: set[int],
+        folders: set[str] = frozenset(),  # type: ignore[assignment]
+        cancel: list[list[str]] | None = None,
+    ) -> None:
+        """Replace the set of processes to end and of batch-job cancel commands
+        (``scancel ID``) to run; add folders to remove at the end."""
         self._send("pids " + " ".join(str(p) for p in sorted(pids)))
         self._send("dirs " + "\0".join(sorted(folders)))
+        self._send("cancel " + json.dumps(cancel or []))
 
     def close(self) -> None:
         """Clean shutdown: the kernel has stopped the cluster itself."""
@@ -73,6 +81,7 @@ def main() -> None:
     kernel = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     pids: set[int] = set()
     dirs: set[str] = set()
+    cancel: list[list[str]] = []
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line == "exit":
@@ -87,9 +96,14 @@ def main() -> None:
             pids = {int(p) for p in rest.split()}
         elif kind == "dirs":
             dirs.update(d for d in rest.split("\0") if d)
+        elif kind == "cancel":
+            cancel = json.loads(rest)
     # EOF without "exit": the kernel died.
-    from casa_kernel.janitor import reap
+    from casa_kernel.janitor import cancel_quietly, reap
 
+    # The servers' batch job first: its processes are not ours to reap.
+    for command in cancel:
+        cancel_quietly(command)
     reap(pids, grace=3.0)
     _wait_gone(kernel, timeout=5.0)
     _remove(dirs)

@@ -178,10 +178,11 @@ def test_pyproject_lists_every_subpackage() -> None:
 # --------------------------------------------------------------------------- the library
 
 
-def test_get_kernel_dict_default_records_three_processes() -> None:
+def test_get_kernel_dict_default_records_no_size() -> None:
     spec = kernelspec.get_kernel_dict()
     assert spec["argv"] == EXPECTED_ARGV
-    assert spec["env"] == {ENV_NPROCS: "3"}
+    # Nothing recorded: the kernel fills its batch allocation, else runs N=3.
+    assert spec["env"] == {}
     assert spec["display_name"] == "CASA (MPI)"
 
 
@@ -243,7 +244,7 @@ def test_install_sys_prefix_uses_sys_prefix(
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
     destination = kernelspec.install(sys_prefix=True)
     assert Path(destination) == kernel_dir(tmp_path / "env")
-    assert json.loads((Path(destination) / "kernel.json").read_text())["env"] == {ENV_NPROCS: "3"}
+    assert json.loads((Path(destination) / "kernel.json").read_text())["env"] == {}
 
 
 def test_spec_env_is_what_the_kernel_reads(tmp_path: Path) -> None:
@@ -280,7 +281,7 @@ def test_install_default_is_listed_by_jupyter(tmp_path: Path, sandbox: dict[str,
     assert spec["argv"] == EXPECTED_ARGV  # argv[0]: the Python that ran the install
     assert spec["interrupt_mode"] == "signal"
     assert spec["metadata"]["debugger"] is False
-    assert spec["env"] == {ENV_NPROCS: "3"}
+    assert spec["env"] == {}
     assert_logos_installed(kernel_dir(prefix))
     # Nothing outside the prefix: home stays empty.
     assert list(Path(sandbox["HOME"]).iterdir()) == []
@@ -310,7 +311,7 @@ def test_install_cluster_options_and_custom_name(tmp_path: Path, sandbox: dict[s
         ENV_HOSTFILE: str(tmp_path / "hosts.txt"),
         ENV_MPIEXEC: str(mpiexec),
     }
-    assert specs["casa-mpi"]["spec"]["env"] == {ENV_NPROCS: "3"}
+    assert specs["casa-mpi"]["spec"]["env"] == {}
     assert_logos_installed(kernel_dir(prefix, "casa-big"))
 
 
