@@ -30,7 +30,8 @@ from pathlib import Path
 from casa_kernel import allocation
 from casa_kernel.batch import ENV_BATCH, BatchJob, parse_batch_spec
 from casa_kernel.errors import ClusterError, PlacementError
-from casa_kernel.hostfile import OVERSUBSCRIBE_VAR, Placement, local_cores, place, read_hostfile
+from casa_kernel.hostfile import Placement, place, read_hostfile
+from casa_kernel.local_load import OVERSUBSCRIBE_VAR, local_cores
 
 #: Environment variables that configure the cluster (the kernelspec sets them).
 ENV_NPROCS = "CASA_KERNEL_NPROCS"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from casa_kernel.errors import HostfileError, PlacementError
+from casa_kernel.local_load import check_local_load
 
 # Slots of a host written without ``slots=``.  OpenMPI would give it the number
 # of cores it detects on that host, which the kernel cannot know before
@@ -37,15 +38,9 @@ from casa_kernel.errors import HostfileError, PlacementError
 # always writes ``slots=``, and 1 is what ``mpiexec --host h`` gives, so 1 it is.
 DEFAULT_SLOTS = 1
 
-# Without a hostfile every server runs on this machine. Beyond this many servers
-# per core nothing runs faster and memory runs out first (`-n 10000` on 2 cores
-# once launched 9999 servers: OOM kills, then the kernel died), so it is refused
-# before launching unless forced (OVERSUBSCRIBE_VAR, or --oversubscribe).
-MAX_SERVERS_PER_CORE = 8
 # Beyond any cluster of ipyparallel engines, even forced or from a hostfile
 # (`-n 99999999999999999999` must be an error, not a tuple the size of RAM).
 MAX_PROCS = 100_000
-OVERSUBSCRIBE_VAR = "CASA_KERNEL_OVERSUBSCRIBE"
 
 # The keys a hostfile line may carry, with OpenMPI's spellings, mapped to one
 # canonical name (so "max_slots=2 max-slots=3" is caught as a duplicate).
@@ -285,7 +280,7 @@ def place(
     anything is launched, when N is not a whole number, is below 2, exceeds
     the slots, or when neither N nor hosts is given; and, without ``hosts``,
     when the servers exceed ``MAX_SERVERS_PER_CORE`` per core of this machine
-    (``cores``, its count; None skips the check) unless ``oversubscribe``.
+    (``cores``, its count; None skips the check; see local_load) unless ``oversubscribe``.
     """
     source = path if path is not None else "<hostfile>"
     where = f" (hostfile {source})" if hosts is not None else ""
@@ -310,7 +305,7 @@ def place(
         _check_at_least_two(n, where)
         _check_at_most(n, where)
         if cores is not None and not oversubscribe:
-            _check_local_load(n, cores)
+            check_local_load(n, cores)
         return Placement("localhost", ("localhost",) * (n - 1), None)
 
     if not hosts:
@@ -340,27 +335,6 @@ def place(
         servers += [entry.host] * take
         left -= take
     return Placement(hosts[0].host, tuple(servers), source)
-
-
-def _check_local_load(n: int, cores: int) -> None:
-    cores = max(1, cores)
-    limit = MAX_SERVERS_PER_CORE * cores
-    if n - 1 > limit:
-        raise PlacementError(
-            f"N={n} would start {n - 1} servers on this machine, which has {cores} "
-            f"core{'s' if cores != 1 else ''}: more than {MAX_SERVERS_PER_CORE} servers per "
-            f"core ({limit}) is refused before launching. Use a hostfile to spread them "
-            f"over several machines, a smaller N, or force it with --oversubscribe "
-            f"(%casa_cluster) or {OVERSUBSCRIBE_VAR}=1"
-        )
-
-
-def local_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _check_at_most(n: int, where: str) -> None:
