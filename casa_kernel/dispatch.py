@@ -25,16 +25,16 @@ from typing import Any
 
 from casa_kernel import engine
 from casa_kernel.display import StreamPrinter, server_label
-from casa_kernel.errors import ClusterError, RemoteError, server_failure
+from casa_kernel.errors import ClusterError, RemoteError
 from casa_kernel.interrupts import Interrupts, say
 from casa_kernel.jobs import (
     Handle,
     Job,
     Outcome,
     SubMSResults,
-    classify,
-    failure_from,
     is_lost,
+    outcome_of,
+    placed,
     shared_apply,
 )
 from casa_kernel.lifecycle import CasaCluster
@@ -62,10 +62,8 @@ class Dispatcher:
         title: str = "casa_parallel",
     ):
         self.cluster = cluster
-        self.printer = printer or StreamPrinter()
-        self._seen: dict[tuple[str, str], int] = {}  # (msg_id, stream) -> chars relayed
-        self._known: dict[int, Any] = {}  # every server seen, so dead ones keep a name
-        self.interrupts = Interrupts(cluster, self._names)
+        self.output = ServerOutput(cluster, printer)
+        self.interrupts = Interrupts(cluster, self.output.names)
         self.title = title  # names the operation in its live progress display
         self.unit = "jobs"
         self.show_after = 0.0
@@ -136,7 +134,7 @@ class Dispatcher:
                 lost = [i for i, h in enumerate(handles) if is_lost(h.kind(), h.engine_id(), world)]
                 if not lost:
                     break
-                self._relay(handles)
+                self.output.relay(handles)
                 names = ", ".join(jobs[i].label for i in lost)
                 if (
                     recoveries
@@ -162,13 +160,17 @@ class Dispatcher:
             for ar in _unique(handles):
                 if ar.ready():
                     ar.wait_for_output(OUTPUT_GRACE)
-            self._relay(handles)
-            self.printer.flush()
+            self.output.relay(handles)
+            self.output.printer.flush()
             failed = sum(1 for h in handles if h.ready() and h.failed())
             words = [] if finished else ["stopped"]
             words += [f"{failed} failed"] if failed else []
             tracker.finish(handles, ", ".join(words))
-        return [self._outcome(job, h) for job, h in zip(jobs, handles)]
+        died = self.cluster.last_cause or "its server died"
+        return [
+            placed(outcome_of(job, h, died, MAX_RECOVERIES + 1), self.output.info(h.engine_id()))
+            for job, h in zip(jobs, handles)
+        ]
 
     def submit(self, jobs: list[Job], deadline: float | None = None) -> list[Handle]:
         """Send the jobs to the servers; one Handle per job.
@@ -201,7 +203,7 @@ class Dispatcher:
         from casa_kernel.progress import wait_ready
 
         client = wait_ready(self.cluster)
-        self._known.update(self.cluster.servers)
+        self.output.known.update(self.cluster.servers)
         for notice in self.cluster.take_notices():
             say(notice)
         return client
@@ -226,7 +228,7 @@ class Dispatcher:
         try:
             while pending:
                 pending[0].wait(OUTPUT_INTERVAL)
-                self._relay(handles)
+                self.output.relay(handles)
                 if tracker is not None:
                     tracker.poll(handles)
                 if self._world_lost(handles):
@@ -245,18 +247,17 @@ class Dispatcher:
         client = self.cluster.client
         return client is not None and len(client.ids) < self.cluster.config.nservers
 
-    def _names(self, eids: set[int]) -> str:
-        return ", ".join(self._label(e) for e in sorted(eids))
 
-    def _label(self, eid: int | None) -> str:
-        info = self._info(eid)
-        if info is None:
-            return f"engine {eid}"
-        return server_label(info.rank, info.host)
+class ServerOutput:
+    """What the servers print, relayed under their names (rank@host)."""
 
-    # -- output and outcomes ----------------------------------------------
+    def __init__(self, cluster: CasaCluster, printer: StreamPrinter | None = None):
+        self.cluster = cluster
+        self.printer = printer or StreamPrinter()
+        self._seen: dict[tuple[str, str], int] = {}  # (msg_id, stream) -> chars relayed
+        self.known: dict[int, Any] = {}  # every server seen, so dead ones keep a name
 
-    def _relay(self, handles: list[Handle]) -> None:
+    def relay(self, handles: list[Handle]) -> None:
         """Print what servers wrote since the last relay (metadata is live)."""
         for handle in handles:
             md = handle.metadata
@@ -268,36 +269,22 @@ class Dispatcher:
                 key = (handle.msg_id, name)
                 done = self._seen.get(key, 0)
                 if len(text) > done:
-                    self.printer.write(self._label(eid), name, text[done:])
+                    self.printer.write(self.label(eid), name, text[done:])
                     self._seen[key] = len(text)
 
-    def _outcome(self, job: Job, handle: Handle) -> Outcome:
-        eid = handle.engine_id()
-        outcome = Outcome(job)
-        try:
-            outcome.value = handle.value()
-        except Exception as exc:
-            outcome.failure = failure_from(exc)
-            if classify(exc) == "died":  # never ipyparallel's words: ours, with the cause
-                cause = self.cluster.last_cause or "its server died"
-                outcome.failure = server_failure(
-                    None,
-                    None,
-                    "ServerDied",
-                    f"{cause} while running it, each of {MAX_RECOVERIES + 1} times; "
-                    "new servers are running",
-                )
-        info = self._info(eid)
-        if info is not None:
-            outcome.rank, outcome.host = info.rank, info.host
-            if outcome.failure is not None:
-                outcome.failure.rank, outcome.failure.host = info.rank, info.host
-        return outcome
+    def names(self, eids: set[int]) -> str:
+        return ", ".join(self.label(e) for e in sorted(eids))
 
-    def _info(self, eid: int | None) -> Any:
+    def label(self, eid: int | None) -> str:
+        info = self.info(eid)
+        if info is None:
+            return f"engine {eid}"
+        return server_label(info.rank, info.host)
+
+    def info(self, eid: int | None) -> Any:
         if eid is None:
             return None
-        return self.cluster.servers.get(eid) or self._known.get(eid)
+        return self.cluster.servers.get(eid) or self.known.get(eid)
 
 
 def _unique(handles: list[Handle]) -> list[Any]:

@@ -153,3 +153,31 @@ def failure_from(exc: BaseException) -> ServerFailure:
     if isinstance(tb, list):
         tb = "\n".join(tb)
     return server_failure(None, None, ename, evalue, trim_traceback(tb))
+
+
+def outcome_of(job: Job, handle: Handle, died: str, tries: int) -> Outcome:
+    """A finished job's value or failure. A job lost with its server on every
+    one of ``tries`` runs fails as ServerDied, with ``died`` (why the servers
+    were last replaced) as the cause: never ipyparallel's words."""
+    outcome = Outcome(job)
+    try:
+        outcome.value = handle.value()
+    except Exception as exc:
+        outcome.failure = failure_from(exc)
+        if classify(exc) == "died":
+            outcome.failure = server_failure(
+                None,
+                None,
+                "ServerDied",
+                f"{died} while running it, each of {tries} times; new servers are running",
+            )
+    return outcome
+
+
+def placed(outcome: Outcome, info: Any) -> Outcome:
+    """The outcome with the rank and host of its server (``info``, None if unknown)."""
+    if info is not None:
+        outcome.rank, outcome.host = info.rank, info.host
+        if outcome.failure is not None:
+            outcome.failure.rank, outcome.failure.host = info.rank, info.host
+    return outcome
