@@ -71,10 +71,14 @@ def _check_version() -> str:
 
 CASATASKS_VERSION = _check_version()
 
+# casatasks' parallel layer for Multi-MS tasks (ParallelTaskHelper also merges
+# the per-sub-MS results: casa/merge.py).
+TASK_HELPER = "casatasks.private.parallel.parallel_task_helper"
+DATA_HELPER = "casatasks.private.parallel.parallel_data_helper"
 # Private modules that decide at import whether casampi exists.
 MPI_IMPORTERS = (
-    "casatasks.private.parallel.parallel_task_helper",
-    "casatasks.private.parallel.parallel_data_helper",
+    TASK_HELPER,
+    DATA_HELPER,
     "casatasks.private.imagerhelpers.parallel_imager_helper",
     "casatasks.private.task_tclean",
     "casatasks.private.task_deconvolve",
@@ -176,7 +180,12 @@ def value_of(response: dict[str, Any]) -> Any:
     return response["ret"]
 
 
-# -- casatasks' private modules, patched ------------------------------------------
+# -- casatasks' private modules, used and patched ---------------------------------
+
+
+def parallel_task_helper() -> Any:
+    """casatasks' ParallelTaskHelper class (its result-merging helpers)."""
+    return importlib.import_module(TASK_HELPER).ParallelTaskHelper
 
 
 def answer_polls_at_once() -> None:

@@ -55,17 +55,19 @@ def merge_results(per_submms: Mapping[str, object], taskname: str) -> object:
         return None
 
     # Lazy: importing casatasks loads casatools (and reads CASA's configuration).
-    from casatasks.private.parallel.parallel_task_helper import ParallelTaskHelper
+    from casa_kernel.bridge import parallel_task_helper
+
+    helper = parallel_task_helper()  # casatasks' ParallelTaskHelper
 
     if all(_is_bool(value) for value in values):
         as_bools = {name: bool(value) for name, value in per_submms.items()}
-        return ParallelTaskHelper.consolidateResults(as_bools, taskname)
+        return helper.consolidateResults(as_bools, taskname)
 
     if all(value is None or isinstance(value, dict) for value in values):
         merged: dict = {}
         for value in values:
             if value is not None:
-                merged = ParallelTaskHelper.combine_dictionaries(copy.deepcopy(value), merged)
-        return ParallelTaskHelper.finalize_consolidate_results(merged)
+                merged = helper.combine_dictionaries(copy.deepcopy(value), merged)
+        return helper.finalize_consolidate_results(merged)
 
     return dict(per_submms)

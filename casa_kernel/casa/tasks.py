@@ -78,9 +78,11 @@ def preload() -> None:
     Safe in a thread: :func:`_casatasks` imports numpy before casatools.
     """
     _casatasks()
+    from casa_kernel.bridge import DATA_HELPER, TASK_HELPER
+
     # the modules casatasks' parallel layer is made of (they read the bridge)
-    importlib.import_module("casatasks.private.parallel.parallel_task_helper")
-    importlib.import_module("casatasks.private.parallel.parallel_data_helper")
+    importlib.import_module(TASK_HELPER)
+    importlib.import_module(DATA_HELPER)
 
 
 def task_names() -> list[str]:
