@@ -228,12 +228,8 @@ class Progress:
         self.rows, self.done, self.elapsed, self.message = rows, done, elapsed, message
         if self.total == 0:
             return  # nothing to run, nothing to show
-        if self._handle is None and elapsed < self.show_after and not force:
-            return
-        now = time.monotonic()
-        if not force and now - self._shown_at < self.min_interval:
-            return
-        self._publish(now)
+        if force or self.due(elapsed):
+            self._publish(time.monotonic())
 
     def finish(
         self,
