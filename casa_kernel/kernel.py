@@ -64,10 +64,12 @@ class CasaKernel(IPythonKernel):
         import numpy  # noqa: F401
 
         from casa_kernel import bridge
-        from casa_kernel.casa import config, tasks
+        from casa_kernel.casa import config, logs, tasks
 
         # log files of this kernel only: casa-<host>-kernel<pid>-client/rank<R>.log
-        env = config.casa_environment(config.default_log_dir(), tag=f"kernel{os.getpid()}")
+        log_dir = config.default_log_dir()
+        logs.prune_old_logs(log_dir)  # other kernels' files, untouched for a month
+        env = config.casa_environment(log_dir, tag=f"kernel{os.getpid()}")
         config.apply_to_process(env)
         self.cluster_session = ClusterSession(env=env, watchdog=Watchdog())
         # casatasks' parallel helpers look for casampi when they are imported:

@@ -35,6 +35,15 @@ def _listening_ports(pids: list[int]) -> list[set[tuple[str, int]]]:
 
 
 def test_four_kernels_at_once(casa_log_dir):
+    # Logs of a kernel gone for two months are pruned when a kernel starts;
+    # last week's, and files that are not a kernel's, are kept.
+    old = casa_log_dir / "casa-orion-kernel999999-rank0.log"
+    recent = casa_log_dir / "casa-orion-kernel999998-rank0.log"
+    users = casa_log_dir / "my-notes.log"
+    for path, age_days in ((old, 60), (recent, 7), (users, 60)):
+        path.write_text("x\n")
+        stamp = time.time() - age_days * 86400
+        os.utime(path, (stamp, stamp))
     with contextlib.ExitStack() as stack:
         # CASA loads on first use here: preloading it in 4 kernels and 8 servers at
         # once (~2 CPU-s each on 2 cores) once kept the 4th kernel from answering
@@ -42,6 +51,7 @@ def test_four_kernels_at_once(casa_log_dir):
         env = kernel_env(CASA_KERNEL_NPROCS="3", CASA_KERNEL_PRELOAD="0")
         kernels = [stack.enter_context(running_kernel(env)) for _ in range(N_KERNELS)]
         pids = [kernel_pid(km) for km, _ in kernels]
+        assert not old.exists() and recent.exists() and users.exists()
 
         def world(kc):
             return execute(kc, "%%casa_parallel\n(rank, size, comm.allreduce(1))", timeout=300)

@@ -100,3 +100,45 @@ class LogTail:
         end = data.rfind(b"\n") + 1
         self._offset += end
         return data[:end]
+
+
+# Files one kernel leaves in the log folder (casa-<host>-kernel<pid>-<role>.log,
+# the engines' ipengine-casa-kernel-<pid>-*.log, casa-kernel-<pid>-cluster.log):
+# one set per kernel ever started, so without pruning the folder only grows.
+KERNEL_LOG_PATTERNS: tuple[str, ...] = (
+    "casa-*-kernel*-*.log",
+    "ipengine-casa-kernel-*.log",
+    "casa-kernel-*-cluster.log",
+)
+KEEP_LOG_DAYS = 30  # long enough to read a month-old failure; a live log is newer
+
+
+def prune_old_logs(log_dir: str, keep_days: float = KEEP_LOG_DAYS) -> list[str]:
+    """Remove per-kernel log files not written for ``keep_days`` days; return them.
+
+    Age is the file's modification time: a running kernel's logs are written on
+    every message, so only those of kernels long gone (or long idle) qualify.
+    Files of other names (the user's, CASA's own) are never touched; a file that
+    vanishes or cannot be removed meanwhile (another kernel pruning, permissions)
+    is skipped.
+    """
+    import fnmatch
+    import time
+
+    cutoff = time.time() - keep_days * 86400.0
+    removed: list[str] = []
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in KERNEL_LOG_PATTERNS):
+            continue
+        path = os.path.join(log_dir, name)
+        try:
+            if os.path.isfile(path) and os.stat(path).st_mtime < cutoff:
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
