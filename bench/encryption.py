@@ -76,10 +76,12 @@ def main() -> None:
     }
     log(json.dumps(result))
     mb = result["gather_mib"] * 2**20 / 1e6
-    print(f"start (one each):  clear {started['clear'][1]:.2f} s, curve {started['curve'][1]:.2f} s")
+    clear_s, curve_s = started["clear"][1], started["curve"][1]
+    print(f"start (one each):  clear {clear_s:.2f} s, curve {curve_s:.2f} s")
     for what, key in (("no-op spmd", "noop_ms"), (f"gather {mb:.0f} MB", "gather_ms")):
         clear, curve = result[key]["clear"], result[key]["curve"]
-        print(f"{what:>16}: clear {clear:8.2f} ms  curve {curve:8.2f} ms  ratio {curve / clear:.2f}")
+        ratio = curve / clear
+        print(f"{what:>16}: clear {clear:8.2f} ms  curve {curve:8.2f} ms  ratio {ratio:.2f}")
     for name, ms in result["gather_ms"].items():
         print(f"{'gather rate':>16}: {name} {mb / (ms / 1e3):.0f} MB/s")
 
