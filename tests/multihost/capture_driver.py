@@ -24,6 +24,8 @@ import stat
 import sys
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for kernels
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/multihost/
 
@@ -92,7 +94,21 @@ def controller_ports(security: Path) -> tuple[set[int], bytes]:
     return ports, key
 
 
-def analyse(capture: Capture, jupyter_ports: set[int], ports: set[int], key: bytes) -> dict:
+def port_owners() -> dict[int, str]:
+    """Local TCP port -> name of the process holding it (this namespace, now)."""
+    owners = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.pid:
+            try:
+                owners[conn.laddr.port] = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                pass
+    return owners
+
+
+def analyse(
+    capture: Capture, jupyter_ports: set[int], ports: set[int], key: bytes, owners: dict[int, str]
+) -> dict:
     streams = tcp_streams(capture.frames)
     jupyter = {f: d for f, d in streams.items() if f[1] in jupyter_ports or f[3] in jupyter_ports}
     others = {f: d for f, d in streams.items() if f not in jupyter}
@@ -111,7 +127,10 @@ def analyse(capture: Capture, jupyter_ports: set[int], ports: set[int], key: byt
         "text_in_jupyter": bool(flows_containing(jupyter, CELL_TEXT.encode())),
         "text_in": flows_containing(others, CELL_TEXT.encode()),
         "result_in": flows_containing(others, result_bytes()),
-        "key_in": flows_containing(others, key) if key else [],
+        # the HMAC key travels in the servers' environment: which processes carry it
+        "key_owners": sorted(
+            {owners.get(f[i], "?") for f, d in others.items() if key and key in d for i in (1, 3)}
+        ),
     }
 
 
@@ -156,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         security, modes = security_files(pid)
         ports, key = controller_ports(security)
         emit(files=modes)
+        owners = port_owners()
         capture.stop()
-    emit(capture=analyse(capture, jupyter_ports, ports, key))
+    emit(capture=analyse(capture, jupyter_ports, ports, key, owners))
     left = wait_gone(pid, timeout=15)
     emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
 
