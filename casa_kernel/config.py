@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casa_kernel import allocation
+from casa_kernel import allocation, encryption
 from casa_kernel.batch import ENV_BATCH, BatchJob, parse_batch_spec
 from casa_kernel.errors import ClusterError, PlacementError
 from casa_kernel.hostfile import Placement, place, read_hostfile
@@ -46,6 +46,9 @@ ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 # "0" keeps CASA out of the processes until first use: ~77 MiB instead of ~270 MiB
 # a server while idle, paid for by ~4 s on the first task.
 ENV_PRELOAD = "CASA_KERNEL_PRELOAD"
+# Encrypt the controller's connections (CurveZMQ): unset = when servers may run
+# on other hosts; "1" also on one machine; "0" never (see casa_kernel/encryption.py).
+ENV_ENCRYPT = "CASA_KERNEL_ENCRYPT"
 
 #: The variables :meth:`ClusterConfig.from_env` reads.
 CONFIG_ENV_KEYS = (
@@ -56,6 +59,7 @@ CONFIG_ENV_KEYS = (
     ENV_START_TIMEOUT,
     ENV_CONTROLLER_LOCATION,
     ENV_PRELOAD,
+    ENV_ENCRYPT,
     OVERSUBSCRIBE_VAR,
     ENV_BATCH,
 )
@@ -88,6 +92,12 @@ class ClusterConfig:
     # ("Slurm job 1234: antares 2, orion 3"); None: a hostfile or this machine.
     layout_source: str | None = None
     batch: BatchJob | None = None  # servers from the batch queue (one job)
+    encrypt: bool | None = None  # CASA_KERNEL_ENCRYPT; None: when servers may be remote
+
+    @property
+    def encrypted(self) -> bool:
+        """Are the controller's connections encrypted (CurveZMQ)?"""
+        return encryption.wanted(self.encrypt, self.placement.is_local)
 
     @property
     def nservers(self) -> int:
@@ -111,6 +121,7 @@ class ClusterConfig:
         oversubscribe: bool | None = None,
         env: Mapping[str, str] | None = None,
         batch: BatchJob | None = None,
+        encrypt: bool | None = None,
     ) -> ClusterConfig:
         """Validate everything that can be checked before launching anything.
 
@@ -152,6 +163,7 @@ class ClusterConfig:
             oversubscribe=oversubscribe,
             layout_source=layout_source,
             batch=batch,
+            encrypt=encrypt,
         )
 
     @classmethod
@@ -207,6 +219,7 @@ class ClusterConfig:
             oversubscribe=oversubscribe,  # type: ignore[arg-type]
             env=env,
             batch=batch,  # type: ignore[arg-type]
+            encrypt=_env_encrypt(env),
         )
 
     def replace(
@@ -253,6 +266,7 @@ class ClusterConfig:
             preload_casa=self.preload_casa,
             oversubscribe=self.oversubscribe if oversubscribe is _UNSET else oversubscribe,  # type: ignore[arg-type]
             batch=batch,  # type: ignore[arg-type]
+            encrypt=self.encrypt,
         )
 
 
@@ -266,6 +280,13 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "no", "false", "off"):
         return False
     raise ClusterError(f"{name}={env.get(name)!r} is neither 1/yes/true/on nor 0/no/false/off")
+
+
+def _env_encrypt(env: Mapping[str, str]) -> bool | None:
+    """``CASA_KERNEL_ENCRYPT``: a yes/no, or None when unset (decided by placement)."""
+    if not env.get(ENV_ENCRYPT, "").strip():
+        return None
+    return env_flag(env, ENV_ENCRYPT, default=False)
 
 
 def _env_batch(spec: str, nprocs: int | None) -> BatchJob:

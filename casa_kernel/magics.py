@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from casa_kernel import display
+from casa_kernel import display, encryption
 from casa_kernel.config import ClusterConfig
 from casa_kernel.dispatch import Dispatcher
 from casa_kernel.errors import CasaKernelError, RemoteError
@@ -162,9 +162,13 @@ class CasaMagics(Magics):
         source = layout_source(cluster) or placement.hostfile or "localhost"
         # without a hostfile everything is on this machine: name it as the servers do
         client_host = placement.client_host if placement.hostfile else socket.gethostname()
+        # asked of the running client (it holds the controller's key), not the config
+        client = cluster.client
+        encrypted = bool(client.curve_serverkey) if client is not None else cluster.config.encrypted
         title = (
             f"CASA cluster ({cluster.state}): client on {client_host}, "
-            f"{len(placement.servers)} servers, N={placement.nprocs} ({source})"
+            f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); "
+            + encryption.describe(encrypted, placement.is_local)
         )
         return display.StatusTable(title, rows)
 

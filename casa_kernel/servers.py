@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from casa_kernel import encryption
 from casa_kernel.errors import ClusterError
 from casa_kernel.janitor import kill_now, reap
 from casa_kernel.launcher import (
@@ -325,7 +326,8 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
         controller_location=""
         if placement.is_local
         else (config.controller_location or socket.getfqdn()),
-        controller_args=list(CONTROLLER_ARGS),
+        # across hosts: CurveZMQ on every controller socket (keys fresh each start)
+        controller_args=list(CONTROLLER_ARGS) + encryption.controller_args(config.encrypted),
         engine_timeout=int(config.start_timeout),
         # No cluster file: this object is the only handle (the watchdog, not
         # `ipcluster stop`, cleans up after a dead kernel), and a file

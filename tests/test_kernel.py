@@ -51,6 +51,8 @@ def test_status_and_kernel_info():
         assert reply.status == "ok", reply.traceback
         lines = reply.result.strip("'\"").splitlines()
         assert "N=3" in lines[0] and "2 servers" in lines[0]
+        # one machine: the controller is on 127.0.0.1 and not encrypted by default
+        assert lines[0].endswith("; traffic not encrypted (loopback only)"), lines[0]
         rows = [line.split() for line in lines[2:]]
         assert [r[0] for r in rows] == ["0", "1"]
         assert all(r[3] == "idle" for r in rows)

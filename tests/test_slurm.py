@@ -90,13 +90,15 @@ def status_rows(text: str) -> tuple[str, list[list[str]]]:
             [],
             ["-N2", "-n5"],
             [(0, "antares", 6), (1, "orion", 6), (2, "orion", 6), (3, "orion", 6)],
-            "client on antares, 4 servers, N=5 (Slurm job {job}: antares 2, orion 3)",
+            "client on antares, 4 servers, N=5 (Slurm job {job}: antares 2, orion 3); "
+            "traffic encrypted (CurveZMQ)",
         ),
         (  # one node: everything local to it
             [],
             ["-N1", "-n3", "-w", "orion"],
             [(0, "orion", 1), (1, "orion", 1)],
-            "client on orion, 2 servers, N=3 (Slurm job {job}: orion 3)",
+            "client on orion, 2 servers, N=3 (Slurm job {job}: orion 3); "
+            "traffic not encrypted (loopback only)",
         ),
     ],
     ids=["2-nodes", "1-node"],

@@ -1,0 +1,188 @@
+"""The controller's connections encrypted across hosts (ipyparallel's CurveZMQ).
+
+The proof is a capture: on the fake-host harness (two "hosts" as Linux
+namespaces, see ``tests/multihost/``) every TCP byte of the namespace is recorded
+while a cell sends a distinctive text and its servers return distinctive bytes;
+neither may appear in clear outside the kernel's own Jupyter channels. The same
+run with encryption turned off is the control: there both DO appear, or the
+capture proved nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kernels import cluster_processes, execute, kernel_env, running_kernel
+from test_multihost import require_tools
+
+from casa_kernel import encryption
+from casa_kernel.config import ClusterConfig
+from casa_kernel.errors import ClusterError
+from casa_kernel.janitor import reap
+
+DRIVER = Path(__file__).resolve().parent / "multihost" / "capture_driver.py"
+DRIVER_TIMEOUT = 100.0  # seconds; a run takes ~13 s
+
+as_root = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root on Linux: network, UTS and mount namespaces fake the hosts",
+)
+
+# ------------------------------------------------------------------ pure: when and how
+
+
+@pytest.mark.parametrize(
+    ("setting", "all_local", "encrypted", "words"),
+    [
+        (None, True, False, "traffic not encrypted (loopback only)"),
+        (None, False, True, "traffic encrypted (CurveZMQ)"),
+        (True, True, True, "traffic encrypted (CurveZMQ)"),
+        (False, False, False, "traffic NOT encrypted (CASA_KERNEL_ENCRYPT=0)"),
+    ],
+)
+def test_encrypted_when_servers_may_be_remote(
+    setting: bool | None, all_local: bool, encrypted: bool, words: str
+) -> None:
+    assert encryption.wanted(setting, all_local) is encrypted
+    assert encryption.describe(encrypted, all_local) == words
+    args = encryption.controller_args(encrypted)
+    # CURVE on, and the HMAC signature kept (ipyparallel drops it with CURVE)
+    assert args == (["--IPController.enable_curve=True", "--secure"] if encrypted else [])
+
+
+@pytest.mark.parametrize(
+    ("hostfile", "value", "encrypted"),
+    [
+        ("localhost slots=3\n", None, False),
+        ("localhost slots=3\n", "1", True),
+        ("localhost slots=1\nantares slots=2\n", None, True),
+        ("localhost slots=1\nantares slots=2\n", " off ", False),
+    ],
+)
+def test_config_reads_casa_kernel_encrypt(
+    tmp_path: Path, hostfile: str, value: str | None, encrypted: bool
+) -> None:
+    path = tmp_path / "hosts"
+    path.write_text(hostfile)
+    env = {"CASA_KERNEL_HOSTFILE": str(path)}
+    if value is not None:
+        env["CASA_KERNEL_ENCRYPT"] = value
+    config = ClusterConfig.from_env(env)
+    assert config.encrypted is encrypted
+    assert config.replace(nprocs=2).encrypted is encrypted  # survives a restart
+
+
+def test_servers_from_the_batch_queue_are_remote() -> None:
+    config = ClusterConfig.from_env({"CASA_KERNEL_BATCH": "slurm"})
+    assert config.batch is not None and config.encrypted
+
+
+def test_a_bad_encrypt_value_is_refused_naming_it() -> None:
+    with pytest.raises(ClusterError, match="CASA_KERNEL_ENCRYPT='maybe'"):
+        ClusterConfig.from_env({"CASA_KERNEL_ENCRYPT": "maybe"})
+
+
+# ------------------------------------------------------------------ real: one machine
+
+
+def test_encryption_asked_on_one_machine_works() -> None:
+    """CASA_KERNEL_ENCRYPT=1 on one machine: cells run, status says encrypted."""
+    env = kernel_env(CASA_KERNEL_NPROCS="3", CASA_KERNEL_ENCRYPT="1", CASA_KERNEL_PRELOAD="0")
+    with running_kernel(env) as (km, kc):
+        reply = execute(kc, "%%casa_parallel\nrank, comm.allreduce(rank)")
+        assert reply.status == "ok", reply.traceback
+        assert ast.literal_eval(reply.result) == [(0, 1), (1, 1)]
+        status = execute(kc, "%casa_cluster status")
+        assert status.status == "ok", status.traceback
+        title = status.result.strip("'\"").splitlines()[0]
+        assert title.endswith("; traffic encrypted (CurveZMQ)"), title
+
+
+# ------------------------------------------------------------------ real: two hosts, captured
+
+
+def run_capture(workdir: Path, encrypt: str | None) -> dict[str, Any]:
+    """The capture driver in fresh namespaces; its JSON lines merged into one dict.
+    Nothing of the driven kernel is left behind, whatever happens."""
+    command = ["unshare", "--net", "--uts", "--mount", "--fork", sys.executable, str(DRIVER)]
+    command += ["--workdir", str(workdir)]
+    if encrypt is not None:
+        command += ["--encrypt", encrypt]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=DRIVER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        stdout, stderr = proc.communicate()
+        stderr += f"\n(driver killed after {DRIVER_TIMEOUT:.0f} s)"
+    report: dict[str, Any] = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            report.update(json.loads(line))
+    pid = report.get("kernel_pid")
+    if pid is not None and (proc.returncode != 0 or "left" not in report):
+        reap({pid, *(p.pid for p in cluster_processes(pid))}, grace=2.0)
+    assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    return report
+
+
+@as_root
+@pytest.mark.timeout(2 * DRIVER_TIMEOUT)
+@pytest.mark.parametrize(
+    ("encrypt", "words"),
+    [
+        (None, "traffic encrypted (CurveZMQ)"),  # the default across hosts
+        ("0", "traffic NOT encrypted (CASA_KERNEL_ENCRYPT=0)"),  # the control
+    ],
+    ids=["default-encrypted", "control-clear"],
+)
+def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
+    tmp_path: Path, encrypt: str | None, words: str
+) -> None:
+    require_tools()
+    report = run_capture(tmp_path, encrypt)
+    parallel = report["parallel"]
+    assert parallel["status"] == "ok", parallel["error"]
+    assert parallel["result"].count("2654435761") == 2  # both servers returned the pattern
+    status = report["status"]
+    assert status["status"] == "ok", status["error"]
+    title = status["result"].strip("'\"").splitlines()[0]
+    assert "client on orion" in title and title.endswith(words), title
+
+    # key and connection files: owner only, in an owner-only folder
+    modes = report["files"]
+    assert len(modes) == 3, modes  # the folder, the client's file, the engines' file
+    folder = next(path for path in modes if path.startswith("/"))
+    assert modes.pop(folder) == "0o700"
+    assert set(modes.values()) == {"0o600"}, modes
+
+    cap = report["capture"]
+    # the capture saw everything, and the whole path: the Jupyter channels (which
+    # carry the text by design), and the controller's connections with more bytes
+    # than the two results (2 x 64 KiB)
+    assert cap["drops"] == 0, cap
+    assert cap["text_in_jupyter"], cap
+    assert cap["controller_bytes"] > 2 * 65536, cap
+    if encrypt is None:
+        assert cap["text_in"] == [], cap
+        assert cap["result_in"] == [], cap
+        # every controller connection chose CURVE, none the NULL mechanism
+        assert cap["curve_greetings"] > 0 and cap["null_greetings"] == 0, cap
+        # The known gap (README): the HMAC key is in the servers' environment,
+        # which mpiexec's daemons pass on in clear -- there and nowhere else.
+        assert set(cap["key_owners"]) <= {"prterun", "prted"}, cap
+    else:
+        # client -> controller -> each server, and back
+        assert len(cap["text_in"]) >= 3, cap
+        assert len(cap["result_in"]) >= 3, cap
+        assert cap["curve_greetings"] == 0 and cap["null_greetings"] > 0, cap
+    assert report["left"] == []
