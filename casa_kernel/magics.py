@@ -62,6 +62,7 @@ class CasaMagics(Magics):
     def __init__(self, shell: Any, session: ClusterSession):
         super().__init__(shell)
         self.session = session
+        self._data_checked: set[tuple[int, str]] = set()  # (cluster, --vis path) seen by all
 
     @line_magic
     @magic_arguments()
@@ -258,12 +259,26 @@ class CasaMagics(Magics):
             if all(value is None for value in values):
                 return None  # e.g. a cell ending in print(): no Out, as %%px
             return values
+        self._check_data(cluster, os.path.abspath(args.vis))
         return self._per_submms(dispatcher, cell, args)
 
     # magic_arguments writes the usage line with one %: a cell magic has two.
     casa_parallel.__doc__ = (casa_parallel.__doc__ or "").replace(
         "%casa_parallel [", "%%casa_parallel [", 1
     )
+
+    def _check_data(self, cluster: Any, vis: str) -> None:
+        """Servers on other hosts must see ``vis`` at the same path: the preflight's
+        data check, once per cluster and path, before any server is given it."""
+        from casa_kernel import preflight
+
+        key = (id(cluster), vis)
+        if key in self._data_checked or not preflight.needed(cluster.config):
+            return
+        report = preflight.check(cluster.config, self.session.env, vis=[vis])
+        if not report.ok:
+            raise report.error()
+        self._data_checked.add(key)
 
     def _per_submms(self, dispatcher: Dispatcher, cell: str, args: Any) -> Any:
         from casa_kernel.casa.merge import merge_results
