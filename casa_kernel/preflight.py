@@ -116,7 +116,9 @@ class Agent:
         if self.kind in _ALLOCATION_LAUNCHERS:
             return f"the {self.kind} job's launcher"
         if self.kind == "missing":
-            return "ssh (not found)"
+            return f"{self.argv[0] if self.argv else 'ssh'} (not found)" + (
+                f" (from {self.source})" if self.source else ""
+            )
         return shlex.join(self.argv) + (f" (from {self.source})" if self.source else "")
 
 
@@ -333,6 +335,8 @@ def judge(outcome: Outcome, ctx: Context) -> list[Check]:
     ssh = "ssh"
     if outcome.start_error:
         fix = f"install ssh on {ctx.client_host}, or set PRTE_MCA_plm_ssh_agent"
+        if ctx.agent.source:
+            fix = f"make {ctx.agent.source} name an executable launcher agent"
         if ctx.agent.kind in _ALLOCATION_LAUNCHERS:
             fix = f"run the kernel where the {ctx.agent.kind} commands are on PATH"
         return [

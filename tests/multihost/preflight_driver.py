@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         broken()
         emit(processes_while_running=len(cluster_processes(pid)))
     left = wait_gone(pid, timeout=15)
+    emit(markers_left=[str(p) for p in workdir.rglob(".casa-kernel-preflight-*")])
     emit(
         left=[" ".join(p.cmdline()) for p in left if p.is_running()],
         seconds=round(time.monotonic() - started, 2),
