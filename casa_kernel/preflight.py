@@ -138,10 +138,9 @@ def _mca_value(
     if found:
         return found
     for name in names:
-        for prefix in ("PRTE_MCA_", "OMPI_MCA_"):
-            # (OpenMPI 5 ignores OMPI_MCA_plm_*; an agent set there is not used)
-            if prefix == "PRTE_MCA_" and environ.get(prefix + name):
-                return environ[prefix + name], prefix + name
+        # (not OMPI_MCA_plm_*: OpenMPI 5 ignores it, so an agent set there is not used)
+        if environ.get("PRTE_MCA_" + name):
+            return environ["PRTE_MCA_" + name], "PRTE_MCA_" + name
     return None
 
 
@@ -609,6 +608,10 @@ def run_probes(
     running: list[tuple[Outcome, subprocess.Popen[str] | None]] = []
     for host in hosts:
         outcome = Outcome(host)
+        if agent.kind == "missing":
+            outcome.start_error = "not found"
+            running.append((outcome, None))
+            continue
         try:
             proc = subprocess.Popen(
                 agent_command(agent, host, line, connect_timeout),
@@ -623,19 +626,25 @@ def run_probes(
             outcome.start_error = exc.strerror or str(exc)
             proc = None
         running.append((outcome, proc))
-    for outcome, proc in running:
-        if proc is None:
-            continue
-        try:
-            outcome.stdout, outcome.stderr = proc.communicate(
-                timeout=max(0.0, deadline - time.monotonic())
-            )
-        except subprocess.TimeoutExpired:
-            outcome.timed_out = True
-            _kill_session(proc)
-            outcome.stdout, outcome.stderr = proc.communicate()
-        outcome.returncode = proc.returncode
-        outcome.seconds = time.monotonic() - started
+    try:
+        for outcome, proc in running:
+            if proc is None:
+                continue
+            try:
+                outcome.stdout, outcome.stderr = proc.communicate(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
+            except subprocess.TimeoutExpired:
+                outcome.timed_out = True
+                _kill_session(proc)
+                outcome.stdout, outcome.stderr = proc.communicate()
+            outcome.returncode = proc.returncode
+            outcome.seconds = time.monotonic() - started
+    finally:  # an interrupt (Ctrl-C in the notebook) leaves no probe behind
+        for _, proc in running:
+            if proc is not None and proc.poll() is None:
+                _kill_session(proc)
+                proc.wait()
     return [outcome for outcome, _ in running]
 
 

@@ -625,3 +625,46 @@ def test_check_of_one_host_only_costs_nothing() -> None:
     assert report.ok and report.hosts == [] and report.seconds == 0
     assert "nothing to check" in repr(report.table())
     assert preflight.require(ClusterConfig.from_options(nprocs=3)) is None
+
+
+def test_an_interrupted_check_leaves_no_probe_behind(tmp_path: Path) -> None:
+    """Ctrl-C in the notebook while a host hangs: the probes' sessions are killed."""
+    import signal
+    import threading
+
+    import psutil
+
+    agent = tmp_path / "agent"
+    agent.write_text("#!/bin/sh\nexec sleep 61.25\n")
+    agent.chmod(0o755)
+
+    def hanging() -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[-2:] == ["sleep", "61.25"]
+        ]
+
+    # a real SIGINT, as the kernel gets it: it interrupts the wait in its syscall
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            preflight.run_probes(["h1", "h2"], Agent("agent", (str(agent),)), "true", 30.0)
+    finally:
+        timer.cancel()
+    assert hanging() == []
+
+
+def test_a_configured_agent_that_does_not_exist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", "/nonexistent/agent")
+    hostfile = write_hostfile(tmp_path, "localhost slots=1\nantares-x slots=1\n")
+    report = preflight.check(ClusterConfig.from_options(hostfile=hostfile), timeout=3.0)
+    [failure] = report.failures()
+    assert (failure.host, failure.requirement) == ("antares-x", "ssh")
+    assert failure.reason == (
+        "cannot run /nonexistent/agent (not found) (from PRTE_MCA_plm_ssh_agent): not found"
+    )
+    assert failure.fix == "make PRTE_MCA_plm_ssh_agent name an executable launcher agent"
