@@ -446,7 +446,7 @@ def _judge_one(requirement: str, host: str, facts: dict[str, Any], ctx: Context)
     if requirement == "env":
         missing = {name: paths for name, paths in facts.get("env", {}).items() if paths}
         if not missing:
-            names = ", ".join(ctx_env_names(ctx)) or "none set"
+            names = ", ".join(ctx.facts.get("env", {})) or "none set"
             return Check(host, requirement, True, names)
         reason = "; ".join(f"{name}: {', '.join(paths)} missing" for name, paths in missing.items())
         return Check(
@@ -466,39 +466,39 @@ def _judge_one(requirement: str, host: str, facts: dict[str, Any], ctx: Context)
         if there is None
         else f"{there} there, {here} here"
     )
-    pip = "casa-kernel" if requirement == "casa-kernel" else requirement
     return Check(
         host,
         requirement,
         False,
         reason,
-        f"install {pip}=={here} for {ctx.python} on {host} (or share the client's environment)",
+        f"install {requirement}=={here} for {ctx.python} on {host} "
+        "(or share the client's environment)",
     )
 
 
-def ctx_env_names(ctx: Context) -> list[str]:
-    return list(ctx.facts.get("env", {}))
-
-
 def _judge_paths(requirement: str, host: str, facts: dict[str, Any], ctx: Context) -> Check:
-    folders = facts.get("folders", {})
-    problems: list[str] = []
+    """workdir: the kernel's folder; data: each --vis path and the folder holding it.
+
+    A folder is the same folder when the marker file the client wrote in it is
+    there too (a folder of the same name on a local disk is not); where the
+    client could not write one, existence is all that is checked.
+    """
     if requirement == "workdir":
-        targets = [ctx.workdir]
+        targets = {ctx.workdir: ctx.workdir}  # what must exist -> the folder marked
         fix = (
             f"start the notebook in a folder that {host} mounts at the same path "
             "(a shared file system: home, project or scratch space)"
         )
     else:
-        targets = list(ctx.vis)
+        targets = {path: os.path.dirname(path) for path in ctx.vis}
         fix = f"put the data on a file system {host} mounts at the same path"
-    for target in targets:
-        folder = ctx.workdir if requirement == "workdir" else os.path.dirname(target)
+    problems: list[str] = []
+    for target, folder in targets.items():
         if requirement == "data" and not facts.get("paths", {}).get(target):
             here = ctx.facts.get("paths", {}).get(target)
             problems.append(f"{target} not found" + ("" if here else " (nor here)"))
             continue
-        seen = folders.get(folder, {})
+        seen = facts.get("folders", {}).get(folder, {})
         if not seen.get("exists"):
             problems.append(f"{folder} not found")
         elif ctx.markers.get(folder) and seen.get("marker") != ctx.markers[folder]:
@@ -508,10 +508,7 @@ def _judge_paths(requirement: str, host: str, facts: dict[str, Any], ctx: Contex
             )
     if problems:
         return Check(host, requirement, False, "; ".join(problems), fix)
-    marked = all(
-        ctx.markers.get(ctx.workdir if requirement == "workdir" else os.path.dirname(t))
-        for t in targets
-    )
+    marked = all(ctx.markers.get(folder) for folder in targets.values())
     how = "same folder (marker seen)" if marked else "exists (not writable here: no marker)"
     if requirement == "data":
         how = f"{len(targets)} path{'s' if len(targets) != 1 else ''}: {how}"
