@@ -362,7 +362,7 @@ def judge(outcome: Outcome, ctx: Context) -> list[Check]:
             _not_checked(host, later, "host not reached")
         )
     if ctx.agent.ssh_checked:
-        checks = [Check(host, ssh, True, "password-less" if ctx.agent.kind == "ssh" else "agent")]
+        checks = [Check(host, ssh, True, "password-less" if ctx.agent.kind == "ssh" else "reached")]
     else:
         checks = [Check(host, ssh, None, f"inside a {ctx.agent.kind} job: not used")]
     if facts is None:

@@ -165,6 +165,17 @@ def test_a_host_with_another_casatasks_is_named(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(2 * DRIVER_TIMEOUT)
+def test_a_replacement_launch_is_checked_too(report: dict[str, Any]) -> None:
+    """A server killed while antares has another casatasks: the new servers'
+    launch (started on its own, between cells) is refused, and the next cell says why."""
+    assert report["killed"]["host"] == "antares"
+    cell = report["replace_parallel"]
+    assert cell["status"] == "error"
+    assert "cannot be launched on antares" in cell["error"], cell["error"]
+    assert "antares: casatasks: 6.6.0.20 there" in cell["error"], cell["error"]
+
+
+@pytest.mark.timeout(2 * DRIVER_TIMEOUT)
 def test_a_hanging_host_gets_its_time_limit_and_no_more(report: dict[str, Any]) -> None:
     title, cells, notes = table(report["hang_check"])
     assert cells["sirius"]["ssh"] == "FAIL" and set(cells["antares"].values()) == {"ok"}

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from importlib import metadata
@@ -110,6 +111,15 @@ def step(kc, name: str, code: str, timeout: float) -> None:
     )
 
 
+def kill_a_server_on(kc, host: str) -> None:
+    """SIGKILL one server on ``host`` (the fake hosts share this PID namespace)."""
+    status = execute(kc, "%casa_cluster status", timeout=30)
+    rows = [line.split() for line in (status.result or "").strip("'\"").splitlines()[2:]]
+    pid = next(int(row[2]) for row in rows if row[1] == host)
+    os.kill(pid, signal.SIGKILL)
+    emit(killed={"host": host, "pid": pid})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--hostfile-text", required=True, help="the user's hostfile")
@@ -180,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         step(kc, "data_start", "%casa_cluster start", timeout)
         step(kc, "data_parallel", f"%%casa_parallel --vis {vis}\nvis", timeout)
 
+        # a server dies while antares has another casatasks: the replacement's
+        # launch is checked too, and refused
         broken(antares={"bind": [[str(other), str(original)]]})
+        kill_a_server_on(kc, "antares")
+        step(kc, "replace_parallel", "%%casa_parallel\nrank", timeout)
         step(kc, "version_check", "%casa_cluster check", timeout)
         step(kc, "version_restart", "%casa_cluster restart", timeout)
 
