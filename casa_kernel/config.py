@@ -46,6 +46,10 @@ ENV_CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 # "0" keeps CASA out of the processes until first use: ~77 MiB instead of ~270 MiB
 # a server while idle, paid for by ~4 s on the first task.
 ENV_PRELOAD = "CASA_KERNEL_PRELOAD"
+# The preflight of the servers' other hosts (casa_kernel/preflight.py): "0" skips
+# the automatic check before a multi-host launch; the time limit per host, seconds.
+ENV_PREFLIGHT = "CASA_KERNEL_PREFLIGHT"
+ENV_PREFLIGHT_TIMEOUT = "CASA_KERNEL_PREFLIGHT_TIMEOUT"
 
 #: The variables :meth:`ClusterConfig.from_env` reads.
 CONFIG_ENV_KEYS = (

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from casa_kernel import allocation
+from casa_kernel.config import ENV_PREFLIGHT, ENV_PREFLIGHT_TIMEOUT, env_flag
 from casa_kernel.errors import CasaKernelError, PreflightError
 from casa_kernel.hostfile import is_local_host
 from casa_kernel.preflight_probe import DISTRIBUTIONS, TAG, collect, encode_request
@@ -58,10 +59,6 @@ PATH_LISTS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH")
 SINGLE_PATHS = ("CASASITECONFIG",)
 CASAPATH = "CASAPATH"
 
-#: "0" skips the automatic check before a multi-host launch (%casa_cluster check
-#: still runs it); CASA_KERNEL_PREFLIGHT_TIMEOUT is the time limit per host.
-ENV_PREFLIGHT = "CASA_KERNEL_PREFLIGHT"
-ENV_PREFLIGHT_TIMEOUT = "CASA_KERNEL_PREFLIGHT_TIMEOUT"
 # A probe answers in ~0.2 s; ssh to a slow login node, a cold NFS home and a
 # Python start on a loaded node can take seconds, a dead host takes ssh's
 # ConnectTimeout.
@@ -661,8 +658,6 @@ def needed(config: Any, environ: Mapping[str, str] | None = None) -> bool:
     """Whether a launch of ``config`` is checked first: servers on other hosts, not
     from the batch queue (its hosts are not known before the job runs), and the
     check not turned off."""
-    from casa_kernel.config import env_flag
-
     environ = os.environ if environ is None else environ
     if config.batch is not None or not env_flag(environ, ENV_PREFLIGHT, default=True):
         return False
