@@ -668,3 +668,28 @@ def test_a_configured_agent_that_does_not_exist(
         "cannot run /nonexistent/agent (not found) (from PRTE_MCA_plm_ssh_agent): not found"
     )
     assert failure.fix == "make PRTE_MCA_plm_ssh_agent name an executable launcher agent"
+
+
+def test_the_command_line_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``casa-kernel check``: the table on stdout, exit code 1 on a failure, 0 when all pass."""
+    from casa_kernel.cli import main
+
+    agent = tmp_path / "agent"
+    agent.write_text(LOCAL_AGENT)
+    agent.chmod(0o755)
+    monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", str(agent))
+    monkeypatch.chdir(tmp_path)
+    hostfile = write_hostfile(tmp_path, "localhost slots=1\nup1-x slots=1\ndown1-x slots=1\n")
+    assert main(["check", "--hostfile", hostfile, "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first.startswith("casa-kernel preflight from ") and " 1 host in " in first, first
+    assert first.endswith(f"via {agent} (from PRTE_MCA_plm_ssh_agent): all pass"), first
+    assert out.splitlines()[2].startswith("up1-x ")
+    assert main(["check", "--hostfile", hostfile, "--vis", "nowhere.ms"]) == 1
+    out = capsys.readouterr().out
+    assert "up1-x data: " + str(tmp_path / "nowhere.ms") + " not found (nor here)" in out
+    assert "down1-x ssh: ssh: connect to host down1-x port 22: No route to host" in out
+    assert main(["check", "--hostfile", str(tmp_path / "missing.txt")]) == 2
