@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from casa_kernel import allocation
-from casa_kernel.config import ENV_PREFLIGHT, ENV_PREFLIGHT_TIMEOUT, env_flag
+from casa_kernel.config import ENV_PREFLIGHT, ENV_PREFLIGHT_TIMEOUT, ClusterConfig, env_flag
 from casa_kernel.errors import CasaKernelError, PreflightError
 from casa_kernel.hostfile import is_local_host
 from casa_kernel.preflight_probe import DISTRIBUTIONS, TAG, collect, encode_request
@@ -654,7 +654,7 @@ def remote_hosts(servers: Iterable[str]) -> list[str]:
     return [host for host in dict.fromkeys(servers) if not is_local_host(host)]
 
 
-def needed(config: Any, environ: Mapping[str, str] | None = None) -> bool:
+def needed(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> bool:
     """Whether a launch of ``config`` is checked first: servers on other hosts, not
     from the batch queue (its hosts are not known before the job runs), and the
     check not turned off."""
@@ -691,7 +691,7 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def check(
-    config: Any,
+    config: ClusterConfig,
     env: Mapping[str, str] | None = None,
     vis: Sequence[str] = (),
     workdir: str | None = None,
@@ -739,7 +739,7 @@ def check(
     return Report(client, hosts, checks, seconds, agent.describe())
 
 
-def require(config: Any, env: Mapping[str, str] | None = None) -> Report | None:
+def require(config: ClusterConfig, env: Mapping[str, str] | None = None) -> Report | None:
     """The automatic check before a launch: raise ONE PreflightError if a host fails."""
     environ = {**os.environ, **(env or {})}
     if not needed(config, environ):
