@@ -240,10 +240,56 @@ def _demo_summary(result: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _add_check_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``casa-kernel check``: the preflight of a multi-host cluster, from a shell."""
+    p = subparsers.add_parser(
+        "check",
+        help="check the servers' hosts before a multi-host launch (ssh, paths, versions)",
+        description=(
+            "Probe every host the servers would use (hostfile or batch allocation), all at "
+            "once, as the kernel does before a launch; print the host x requirement table. "
+            "Exit code 0 when every requirement passes, 1 when one fails."
+        ),
+    )
+    p.add_argument("-n", "--nprocs", type=_nprocs, default=None, help="N, the client included")
+    p.add_argument("--hostfile", default=None, help="OpenMPI hostfile of the cluster")
+    p.add_argument("--mpiexec", default=None, help="mpiexec of a site MPI")
+    p.add_argument(
+        "--vis",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a data path every host must see at the same path, repeatable",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="seconds per host (default 20)")
+    p.set_defaults(func=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from casa_kernel import preflight
+    from casa_kernel.casa.config import casa_environment, default_log_dir
+    from casa_kernel.config import ClusterConfig
+
+    overrides: dict[str, Any] = {}
+    if args.nprocs is not None:
+        overrides["nprocs"] = args.nprocs
+    if args.hostfile is not None:
+        overrides["hostfile"] = args.hostfile
+    if args.mpiexec is not None:
+        overrides["mpiexec"] = args.mpiexec
+    config = ClusterConfig.from_env(**overrides)
+    # what the kernel gives its servers (CASASITECONFIG, the log folder)
+    env = casa_environment(default_log_dir())
+    report = preflight.check(config, env, vis=args.vis, timeout=args.timeout)
+    print(repr(report.table()))
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
 #: name -> function adding that subcommand's parser (which sets ``func``).
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "install": _add_install_parser,
     "demo": _add_demo_parser,
+    "check": _add_check_parser,
 }
 
 

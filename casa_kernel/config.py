@@ -49,6 +49,10 @@ ENV_PRELOAD = "CASA_KERNEL_PRELOAD"
 # Encrypt the controller's connections (CurveZMQ): unset = when servers may run
 # on other hosts; "1" also on one machine; "0" never (see casa_kernel/encryption.py).
 ENV_ENCRYPT = "CASA_KERNEL_ENCRYPT"
+# The preflight of the servers' other hosts (casa_kernel/preflight.py): "0" skips
+# the automatic check before a multi-host launch; the time limit per host, seconds.
+ENV_PREFLIGHT = "CASA_KERNEL_PREFLIGHT"
+ENV_PREFLIGHT_TIMEOUT = "CASA_KERNEL_PREFLIGHT_TIMEOUT"
 
 #: The variables :meth:`ClusterConfig.from_env` reads.
 CONFIG_ENV_KEYS = (

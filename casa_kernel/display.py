@@ -356,3 +356,65 @@ class StartProgress:
         rows = [ServerRow(s.rank, s.host, "idle", pid=s.pid) for s in servers]
         wall = time.monotonic() - self.started
         self.view.finish(rows, len(rows), wall, "ready" if ok else "failed", shares=False)
+
+
+# ------------------------------------------------------------------ preflight
+
+
+_CHECK_MARKS = {True: ("ok", "#2e7d32"), False: ("FAIL", "#c62828"), None: ("-", "#9e9e9e")}
+
+
+class CheckTable:
+    """``%casa_cluster check``: one row per host, one column per requirement.
+
+    ``rows`` are (host, cells), each cell anything with ``ok`` (True, False or
+    None for not checked) and ``reason``, or None for a requirement not asked;
+    ``notes`` (why each failure, what to do) follow the table.
+    """
+
+    def __init__(
+        self, title: str, columns: Iterable[str], rows: Iterable[Any], notes: Iterable[str] = ()
+    ):
+        self.title = title
+        self.columns = list(columns)
+        self.rows = [(host, list(cells)) for host, cells in rows]
+        self.notes = list(notes)
+
+    @staticmethod
+    def _mark(cell: Any) -> str:
+        return _CHECK_MARKS[None][0] if cell is None else _CHECK_MARKS[cell.ok][0]
+
+    def __repr__(self) -> str:
+        head = ["host", *self.columns]
+        body = [[host, *(self._mark(c) for c in cells)] for host, cells in self.rows]
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = [self.title]
+        for row in [head, *body]:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        lines += self.notes
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        def cell_html(cell: Any) -> str:
+            if cell is None:
+                return ""
+            mark, colour = _CHECK_MARKS[cell.ok]
+            reason = html.escape(cell.reason or "")
+            # the reason in full on hover, shortened in the cell
+            short = html.escape(_shorten(cell.reason or "", 40))
+            return (
+                f'<span title="{reason}"><span style="color:{colour};font-weight:bold">'
+                f"{mark}</span> <small>{short}</small></span>"
+            )
+
+        rows = [[html.escape(host), *(cell_html(c) for c in cells)] for host, cells in self.rows]
+        notes = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
+        return (
+            f"<p>{html.escape(self.title)}</p>"
+            + (_html_table(["host", *self.columns], rows) if rows else "")
+            + (f'<ul style="color:#c62828">{notes}</ul>' if notes else "")
+        )
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -172,3 +172,16 @@ class RemoteError(CasaKernelError):
         if hidden > 0:
             lines.append(f"... and {hidden} more (see .failures)")
         return "\n".join(lines)
+
+
+class PreflightError(ClusterError):
+    """The hosts of a launch miss a requirement (ssh, shared paths, same installation).
+
+    Raised before anything is launched; ``report`` is the preflight's report
+    (``report.table()`` is the host x requirement table) and the message names
+    each failing host, the requirement and what to do.
+    """
+
+    def __init__(self, message: str, report: Any = None):
+        super().__init__(message)
+        self.report = report

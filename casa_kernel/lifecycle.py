@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
-from casa_kernel import servers
+from casa_kernel import preflight, servers
 from casa_kernel.config import ENV_OWNER, ClusterConfig
-from casa_kernel.errors import ClusterError
+from casa_kernel.errors import ClusterError, PreflightError
 from casa_kernel.janitor import Janitor
 
 log = logging.getLogger("casa_kernel.cluster")
@@ -152,6 +152,8 @@ class CasaCluster:
             if state in (State.STOPPED, State.STOPPING):
                 raise ClusterError("the cluster is not running: %casa_cluster start")
             if state is State.FAILED:
+                if isinstance(self.error, PreflightError):
+                    raise self.error  # names host, requirement and what to do
                 raise ClusterError(f"the cluster failed to start: {self.error}")
             if progress and self.note != last:
                 last = self.note
@@ -226,7 +228,20 @@ class CasaCluster:
 
     async def replace_async(self, cause: str) -> None:
         """Kill the servers, start new ones on the same controller."""
-        await self._begin(self._engines.replace(cause))
+        await self._begin(self._replace(cause))
+
+    async def _replace(self, cause: str) -> None:
+        await self._preflight()
+        await self._engines.replace(cause)
+
+    async def _preflight(self) -> None:
+        """Before every launch that spans hosts: each host meets the multi-node
+        requirements, or ONE PreflightError (see casa_kernel.preflight)."""
+        if not preflight.needed(self.config, {**os.environ, **self.extra_env}):
+            return  # one host only: nothing to check, nothing spent
+        self.note = "preflight: checking the servers' hosts"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, preflight.require, self.config, self.extra_env)
 
     async def _begin(self, coro: Any) -> None:
         """Run a start or replacement as THE task (stop cancels it)."""
@@ -248,6 +263,7 @@ class CasaCluster:
             self._task = None
 
     async def _start(self) -> None:
+        await self._preflight()
         workdir = self.janitor.make_workdir()
         env = dict(self.extra_env)
         # Every process of this cluster carries its owner's pid, so it can be

@@ -62,6 +62,7 @@ class CasaMagics(Magics):
     def __init__(self, shell: Any, session: ClusterSession):
         super().__init__(shell)
         self.session = session
+        self._data_checked: set[tuple[int, str]] = set()  # (cluster, --vis path) seen by all
 
     @line_magic
     @magic_arguments()
@@ -69,10 +70,11 @@ class CasaMagics(Magics):
         "action",
         nargs="?",
         default="status",
-        choices=["start", "stop", "restart", "status"],
+        choices=["start", "stop", "restart", "status", "check"],
         help="start: launch the servers; stop: end them; restart: stop then start "
         "(only what -n/--hostfile/--mpiexec name changes); status: each server's rank, "
-        "host, pid, state, current work, memory",
+        "host, pid, state, current work, memory; check: the preflight of the servers' "
+        "other hosts (ssh, same paths, same installation), as a table, launching nothing",
     )
     @argument(
         "-n",
@@ -91,6 +93,14 @@ class CasaMagics(Magics):
     )
     @argument("--mpiexec", default=None, help="mpiexec of a site MPI to use instead")
     @argument(
+        "--vis",
+        dest="check_vis",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with check: a data path every host must see at the same path, repeatable",
+    )
+    @argument(
         "--oversubscribe",
         action="store_true",
         help="without a hostfile, allow more than 8 servers per core of this machine",
@@ -107,13 +117,18 @@ class CasaMagics(Magics):
             %casa_cluster status
             %casa_cluster restart -n 5
             %casa_cluster start --hostfile hosts.txt
+            %casa_cluster check --hostfile hosts.txt --vis /data/obs.ms
             %casa_cluster start --slurm -n 17 --time 2:00:00 --partition debug
         """
         if _wants_help(line):
             print(self.casa_cluster.__doc__)
             return None
         args = _parse(self.casa_cluster, line)
+        if args.check_vis and args.action != "check":
+            raise UsageError("--vis only applies to %casa_cluster check")
         try:
+            if args.action == "check":
+                return self._check(args)
             if args.action == "status":
                 return self._status()
             if args.action == "stop":
@@ -150,6 +165,17 @@ class CasaMagics(Magics):
         if current is not None:
             return current.config.replace(**overrides) if overrides else current.config
         return ClusterConfig.from_env(**overrides) if overrides else None
+
+    def _check(self, args: Any) -> Any:
+        """The preflight of the configuration a start would use; launches nothing."""
+        from casa_kernel import preflight
+
+        try:
+            config = self._config(args) or ClusterConfig.from_env()
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"%casa_cluster check: {exc}") from None
+        vis = [os.path.abspath(os.path.expanduser(v)) for v in args.check_vis]
+        return preflight.check(config, self.session.env, vis=vis).table()
 
     def _status(self) -> display.StatusTable:
         # Waits only for a first start (it has a deadline); never for servers
@@ -237,12 +263,26 @@ class CasaMagics(Magics):
             if all(value is None for value in values):
                 return None  # e.g. a cell ending in print(): no Out, as %%px
             return values
+        self._check_data(cluster, os.path.abspath(args.vis))
         return self._per_submms(dispatcher, cell, args)
 
     # magic_arguments writes the usage line with one %: a cell magic has two.
     casa_parallel.__doc__ = (casa_parallel.__doc__ or "").replace(
         "%casa_parallel [", "%%casa_parallel [", 1
     )
+
+    def _check_data(self, cluster: Any, vis: str) -> None:
+        """Servers on other hosts must see ``vis`` at the same path: the preflight's
+        data check, once per cluster and path, before any server is given it."""
+        from casa_kernel import preflight
+
+        key = (id(cluster), vis)
+        if key in self._data_checked or not preflight.needed(cluster.config):
+            return
+        report = preflight.check(cluster.config, self.session.env, vis=[vis])
+        if not report.ok:
+            raise report.error()
+        self._data_checked.add(key)
 
     def _per_submms(self, dispatcher: Dispatcher, cell: str, args: Any) -> Any:
         from casa_kernel.casa.merge import merge_results

@@ -38,13 +38,14 @@ cluster_option = st.one_of(
     st.tuples(st.just("--hostfile"), token),
     st.tuples(st.just("--mpiexec"), token),
     st.tuples(st.just("--oversubscribe"), st.just("")),
+    st.tuples(st.just("--vis"), token),  # check's data paths (refused by other actions)
     st.tuples(token, st.just("")),
 )
 
 
 @st.composite
 def cluster_lines(draw) -> str:
-    action = draw(st.sampled_from(["", "status", "start", "restart"]) | junk)
+    action = draw(st.sampled_from(["", "status", "start", "restart", "check"]) | junk)
     words = [action]
     for option, value in draw(st.lists(cluster_option, max_size=4)):
         words += [option, value]

@@ -162,6 +162,16 @@ def test_kernel_in_a_job_fills_its_allocation(
             step.startswith(f"{job_id}.") and "prted" in step and "orion" in step
             for step in got["steps"]
         ), got["steps"]
+    check = got["check"]
+    assert check["status"] == "ok", check["error"]
+    lines = check["result"].strip("'\"").splitlines()
+    if any(host != client for _, host, _ in ranks):
+        # the preflight reached orion through the job's srun: no ssh requirement there
+        assert "via the Slurm job's launcher: all pass" in lines[0], check["result"]
+        other = next(line.split() for line in lines[2:] if line.split()[0] != client)
+        assert other[:2] == ["orion", "-"] and set(other[2:]) == {"ok"}, check["result"]
+    else:
+        assert "nothing to check" in lines[0], check["result"]
     assert got["left"] == []
     assert cluster.wait_queue_empty() == []
 

@@ -81,6 +81,8 @@ def in_job(kernel: str) -> None:
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
         emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
         emit(processes_while_running=len(cluster_processes(pid)))
+        # the preflight of the job's other node, through srun (no ssh inside a job)
+        emit(check=summary(execute(kc, "%casa_cluster check", timeout=60), started))
         # the job's steps: mpiexec's daemons, if it launched them through Slurm
         steps = subprocess.run(
             ["squeue", "-s", "-h", "-o", "%i %j %N"], capture_output=True, text=True
