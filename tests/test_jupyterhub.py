@@ -255,6 +255,8 @@ def test_user_server_is_a_slurm_job_with_a_casa_kernel(cluster: Slurm, tmp_path:
             str(hub.pid),
             "--user",
             USER,
+            "--marker",
+            f"{MARKER}={folder}",
             timeout=360,
             check=False,
         )
@@ -292,6 +294,18 @@ def test_user_server_is_a_slurm_job_with_a_casa_kernel(cluster: Slurm, tmp_path:
             f"CASA cluster (running): client on {kernel_host}, 3 servers, N={TASKS} "
             f"(Slurm job {job_id}: "
         ), context
+
+        # what the final checks look for: every process of the test carries the marker
+        running = got["processes_while_running"]
+        for what, count in (
+            ("/bin/jupyterhub ", 1),
+            ("configurable-http-proxy", 1),
+            ("batchspawner-singleuser", 1),
+            ("-m casa_kernel", 1),
+            ("prterun", 1),
+            ("ipyparallel.engine", 3),
+        ):
+            assert sum(what in cmd for cmd in running) >= count, (what, running)
 
         # stopped through the hub: the job left the queue, its processes are gone
         assert got["stop"][0] in (202, 204), context

@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 from typing import Any
 
+import psutil
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -48,6 +49,19 @@ def job_fields(job_id: str) -> dict[str, str]:
 def queue() -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i %T %j %N"], capture_output=True, text=True)
     return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def marked(marker: str) -> list[str]:
+    """Command lines of the processes whose environment holds ``marker`` (NAME=VALUE)."""
+    name, value = marker.split("=", 1)
+    found = []
+    for proc in psutil.process_iter(["environ", "cmdline"]):
+        try:
+            if (proc.info["environ"] or {}).get(name) == value:
+                found.append(" ".join(proc.info["cmdline"] or []))
+        except psutil.Error:
+            continue
+    return found
 
 
 class Hub:
@@ -171,7 +185,7 @@ class KernelSocket:
         return got
 
 
-async def run_kernel(hub: Hub, server: str, kernel: str, timeout: float) -> None:
+async def run_kernel(hub: Hub, server: str, kernel: str, timeout: float, marker: str) -> None:
     """Start ``kernel`` in the server, run the cells, shut the kernel down."""
     code, model = hub.request("POST", f"{server}api/kernels", {"name": kernel})
     emit(kernel_start=[code, model])
@@ -191,7 +205,7 @@ async def run_kernel(hub: Hub, server: str, kernel: str, timeout: float) -> None
         emit(where=await sock.execute(WHERE_CELL, 60))
         emit(parallel=await sock.execute(SPMD_CELL, timeout))
         emit(status=await sock.execute("%casa_cluster status", 60))
-        emit(queue_while_running=queue())
+        emit(queue_while_running=queue(), processes_while_running=marked(marker))
     finally:
         conn.close()
 
@@ -204,6 +218,9 @@ def main() -> None:
     parser.add_argument("--user", required=True)
     parser.add_argument("--kernel", default="casa-mpi")
     parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument(
+        "--marker", required=True, help="NAME=VALUE in the environment of the test's processes"
+    )
     args = parser.parse_args()
     hub = Hub(args.url, args.token, args.hub_pid)
     started = time.monotonic()
@@ -231,7 +248,7 @@ def main() -> None:
             queue_with_server=queue(),
             job=job_fields(server["state"].get("job_id", "")),
         )
-        asyncio.run(run_kernel(hub, server["url"], args.kernel, args.timeout))
+        asyncio.run(run_kernel(hub, server["url"], args.kernel, args.timeout, args.marker))
     finally:
         if spawn_requested:
             started = time.monotonic()
