@@ -323,6 +323,6 @@ def test_user_server_is_a_slurm_job_with_a_casa_kernel(cluster: Slurm, tmp_path:
     assert hub.returncode is not None
     left = wait_no_marked(folder, 10)
     assert left == [], describe(left)
-    timings = ("hub_ready_seconds", "spawn_seconds", "kernel_ready_seconds", "stop_seconds")
+    timings = ("hub_ready_seconds", "spawn_seconds", "kernel_start_seconds", "stop_seconds")
     print({key: got[key] for key in timings}, f"cells {got['parallel']['seconds']} s,")
     print(f"status {status['result']!r}; wall time {time.monotonic() - started:.1f} s")

@@ -187,8 +187,9 @@ class KernelSocket:
 
 async def run_kernel(hub: Hub, server: str, kernel: str, timeout: float, marker: str) -> None:
     """Start ``kernel`` in the server, run the cells, shut the kernel down."""
+    started = time.monotonic()
     code, model = hub.request("POST", f"{server}api/kernels", {"name": kernel})
-    emit(kernel_start=[code, model])
+    emit(kernel_start=[code, model], kernel_start_seconds=round(time.monotonic() - started, 2))
     if code != 201:
         return
     kernel_id = model["id"]
