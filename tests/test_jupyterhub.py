@@ -158,11 +158,18 @@ def marked_processes(folder: Path) -> list[psutil.Process]:
     return [p for p in found if p.pid != os.getpid()]
 
 
-def wait_no_marked(folder: Path, timeout: float) -> list[psutil.Process]:
+def wait_no_marked(
+    folder: Path, timeout: float, but: frozenset[int] = frozenset()
+) -> list[psutil.Process]:
+    """Wait until no process of the test (``but`` those pids) runs; return stragglers."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        left = [p for p in marked_processes(folder) if p.is_running() and p.status() != "zombie"]
+        left = [
+            p
+            for p in marked_processes(folder)
+            if p.pid not in but and p.is_running() and p.status() != "zombie"
+        ]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(delay)
@@ -179,8 +186,10 @@ def describe(procs: list[psutil.Process]) -> list[str]:
 
 @contextlib.contextmanager
 def running_hub(folder: Path, cluster: Slurm, config: Path) -> Iterator[subprocess.Popen]:
-    """The hub on the Slurm's login node; stopped (SIGTERM, as an admin would:
-    it stops the servers it started and its proxy) however the test ends."""
+    """The hub on the Slurm's login node; stopped with SIGTERM, as an admin would
+    (it stops the servers it started and its proxy), however the test ends.
+    Anything of the test still running then is killed; when the test itself
+    passed, that, or a hub deaf to SIGTERM, is a failure."""
     log = open(folder / "jupyterhub.log", "w")
     hub = subprocess.Popen(
         cluster.command([str(VENV_BIN / "jupyterhub"), "-f", str(config)]),
@@ -192,6 +201,7 @@ def running_hub(folder: Path, cluster: Slurm, config: Path) -> Iterator[subproce
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    stopped = True
     try:
         yield hub
     finally:
@@ -200,12 +210,17 @@ def running_hub(folder: Path, cluster: Slurm, config: Path) -> Iterator[subproce
             try:
                 hub.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                stopped = False
                 os.killpg(hub.pid, signal.SIGKILL)
                 hub.wait()
         log.close()
-        for proc in wait_no_marked(folder, 30):  # never leave anything behind
+        left = wait_no_marked(folder, 30)
+        named = describe(left)
+        for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+    assert stopped, f"the hub did not stop within 60 s of SIGTERM\n{hub_log(folder)}"
+    assert named == [], f"left running after the hub stopped: {named}"
 
 
 def report(text: str) -> dict[str, Any]:
@@ -314,15 +329,11 @@ def test_user_server_is_a_slurm_job_with_a_casa_kernel(cluster: Slurm, tmp_path:
         assert not psutil.pid_exists(kernel_pid) or (
             psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
         ), context
-        hub_only = {hub.pid}
-        hub_only |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
-        left = [p for p in wait_no_marked(folder, 30) if p.pid not in hub_only]
+        hub_and_proxy = [hub.pid] + [p.pid for p in psutil.Process(hub.pid).children()]
+        left = wait_no_marked(folder, 30, but=frozenset(hub_and_proxy))
         assert left == [], describe(left)
 
-    # the hub stopped its proxy as it went: nothing of the test is left running
-    assert hub.returncode is not None
-    left = wait_no_marked(folder, 10)
-    assert left == [], describe(left)
+    # (running_hub checked that the hub stopped its proxy as it went: nothing is left)
     timings = ("hub_ready_seconds", "spawn_seconds", "kernel_start_seconds", "stop_seconds")
     print({key: got[key] for key in timings}, f"cells {got['parallel']['seconds']} s,")
     print(f"status {status['result']!r}; wall time {time.monotonic() - started:.1f} s")
