@@ -78,9 +78,10 @@ c.SlurmSpawner.req_memory = ""
 c.Spawner.cmd = [f"{ENV}/bin/jupyterhub-singleuser"]
 c.SlurmSpawner.batchspawner_singleuser_cmd = f"{ENV}/bin/batchspawner-singleuser"
 # The kernel's environment comes from the job (SLURM_JOB_ID, SLURM_JOB_NODELIST,
-# SLURM_TASKS_PER_NODE: that is how it fills the job) plus these; the
-# environment's bin first, so `mpiexec` and the Slurm commands are found, for
-# the hub (which runs sbatch/squeue/scancel with this PATH) and in the job.
+# SLURM_TASKS_PER_NODE: that is how it fills the job) plus these: the
+# environment's bin first, then the system's, where the Slurm commands are (the
+# hub also runs `sbatch` with this environment, and the kernel's `mpiexec`
+# calls `srun` to start its daemons on the job's other nodes).
 c.Spawner.environment = {"PATH": f"{ENV}/bin:/usr/local/bin:/usr/bin:/bin"}
 c.Spawner.default_url = "/lab"
 # A job may wait in the queue: give it time (batchspawner's own default is 300 s).
