@@ -287,6 +287,59 @@ def test_install_default_is_listed_by_jupyter(tmp_path: Path, sandbox: dict[str,
     assert list(Path(sandbox["HOME"]).iterdir()) == []
 
 
+def test_install_sys_prefix_is_seen_by_every_server_of_that_environment(
+    tmp_path: Path, sandbox: dict[str, str]
+) -> None:
+    """`casa-kernel install --sys-prefix`, as examples/jupyterhub/ says a site runs it.
+
+    In a fresh environment (a venv that sees this one's packages, so the test's
+    venv is not written into), the kernelspec lands in the environment's
+    share/jupyter, and a Jupyter server started from that environment -- for
+    any user, with no JUPYTER_PATH -- finds it, and runs it with that Python.
+    """
+    import sysconfig
+
+    env_dir = tmp_path / "env"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=TIMEOUT
+    )
+    python = env_dir / "bin" / "python"
+    site_packages = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=TIMEOUT,
+    ).stdout.strip()
+    # addsitedir (not a bare path) so this venv's own .pth files (the editable
+    # install of casa_kernel) are processed too
+    this_env = sysconfig.get_paths()["purelib"]
+    Path(site_packages, "this-venv.pth").write_text(f"import site; site.addsitedir({this_env!r})\n")
+
+    proc = subprocess.run(
+        [str(python), "-m", "casa_kernel.cli", "install", "--sys-prefix"],
+        env=sandbox,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(kernel_dir(env_dir)) in proc.stdout
+    spec = json.loads((kernel_dir(env_dir) / "kernel.json").read_text())
+    assert spec["argv"][0] == str(python)
+    assert spec["env"] == {}  # fills the batch job it runs in
+    assert_logos_installed(kernel_dir(env_dir))
+
+    find = "import json; from jupyter_client.kernelspec import KernelSpecManager as K; "
+    find += "print(json.dumps(K().find_kernel_specs()))"
+    listed = subprocess.run(
+        [str(python), "-c", find], env=sandbox, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["casa-mpi"] == str(kernel_dir(env_dir))
+    assert list(Path(sandbox["HOME"]).iterdir()) == []
+
+
 def test_install_cluster_options_and_custom_name(tmp_path: Path, sandbox: dict[str, str]) -> None:
     prefix = tmp_path / "prefix"
     write_hostfile(tmp_path / "hosts.txt")
