@@ -49,6 +49,10 @@ ENV_PRELOAD = "CASA_KERNEL_PRELOAD"
 # Encrypt the controller's connections (CurveZMQ): unset = when servers may run
 # on other hosts; "1" also on one machine; "0" never (see casa_kernel/encryption.py).
 ENV_ENCRYPT = "CASA_KERNEL_ENCRYPT"
+# Encrypted across hosts, the servers read their connection info (with the HMAC
+# key) from a file in a folder every host sees: default ~/.local/state/casa-kernel/
+# clusters (see casa_kernel/keyfile.py).
+ENV_KEY_DIR = "CASA_KERNEL_KEY_DIR"
 # The preflight of the servers' other hosts (casa_kernel/preflight.py): "0" skips
 # the automatic check before a multi-host launch; the time limit per host, seconds.
 ENV_PREFLIGHT = "CASA_KERNEL_PREFLIGHT"

@@ -3,9 +3,11 @@
 Pure. ipyparallel 9 does the work (CurveZMQ): with ``IPController.enable_curve``
 the controller makes a fresh key pair at every start, binds every socket as a
 CURVE server and writes its public key into the connection files; engines
-(through ``IPP_CONNECTION_INFO``) and the client (through the client file) then
-make key pairs of their own and verify the controller's key. Nothing of it is
-re-implemented here: this module only decides and names the switches.
+(through a connection file on a shared folder, :mod:`casa_kernel.keyfile`, so
+the HMAC key never travels in their environment) and the client (through the
+client file) then make key pairs of their own and verify the controller's key.
+Nothing of it is re-implemented here: this module only decides and names the
+switches.
 
 When: whenever the controller listens on more than loopback, that is whenever a
 server may run on another host (a hostfile or allocation with another host, or

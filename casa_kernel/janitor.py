@@ -79,6 +79,7 @@ class Janitor:
         self._pids: set[int] = set()
         self._jobs: dict[int, list[str]] = {}  # id(launcher) -> its job's cancel command
         self.workdir: str | None = None
+        self.folders: set[str] = set()  # others of the cluster (a shared connection folder)
         self.removed: list[str] = []
         self.on_change = on_change  # the watchdog's hook
 
@@ -87,6 +88,12 @@ class Janitor:
             self.workdir = tempfile.mkdtemp(prefix="casa-kernel-")  # 0700: private
         self._report()
         return self.workdir
+
+    def add_folder(self, folder: str) -> None:
+        """Another folder of the cluster, removed with the private one."""
+        with self._lock:
+            self.folders.add(folder)
+        self._report()
 
     def track(self, launcher: Any) -> None:
         """A launcher's process and its children (now, in case the parent dies first),
@@ -153,9 +160,11 @@ class Janitor:
             self._pids.clear()
             self._jobs.clear()
             folder, self.workdir = self.workdir, None
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
-            self.removed.append(folder)
+            others, self.folders = self.folders, set()
+        for path in [folder, *sorted(others)]:
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
+                self.removed.append(path)
         self._report()
 
     def remove_late_files(self) -> None:
@@ -167,5 +176,6 @@ class Janitor:
         if self.on_change is not None:
             with self._lock:
                 pids, folders = set(self._pids), {self.workdir} if self.workdir else set()
+                folders |= self.folders
                 jobs = list(self._jobs.values())
             self.on_change(pids, folders, jobs)

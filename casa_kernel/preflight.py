@@ -35,16 +35,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from casa_kernel import allocation
-from casa_kernel.config import ENV_PREFLIGHT, ENV_PREFLIGHT_TIMEOUT, ClusterConfig, env_flag
+from casa_kernel import allocation, keyfile
+from casa_kernel.config import (
+    ENV_KEY_DIR,
+    ENV_PREFLIGHT,
+    ENV_PREFLIGHT_TIMEOUT,
+    ClusterConfig,
+    env_flag,
+)
 from casa_kernel.errors import CasaKernelError, PreflightError
 from casa_kernel.hostfile import is_local_host
 from casa_kernel.preflight_probe import DISTRIBUTIONS, TAG, collect, encode_request
 
-#: The requirements, in the table's column order ("data" only with --vis paths).
+#: The requirements, in the table's column order ("data" only with --vis paths,
+#: "keys" only when the servers read their connection key from a shared folder).
 REQUIREMENTS = (
     "ssh",
     "workdir",
+    "keys",
     "data",
     "python",
     "casa-kernel",
@@ -298,6 +306,7 @@ class Context:
     vis: tuple[str, ...] = ()
     markers: dict[str, str] = field(default_factory=dict)  # folder -> marker text ("": none)
     timeout: float = DEFAULT_TIMEOUT
+    keydir: str = ""  # the shared folder of the connection key (casa_kernel.keyfile); "": none
 
 
 def _last_line(text: str) -> str:
@@ -325,7 +334,7 @@ def _not_checked(host: str, requirements: Iterable[str], why: str) -> list[Check
 def judge(outcome: Outcome, ctx: Context) -> list[Check]:
     """Every requirement on one host from what its probe gave (pure)."""
     host = outcome.host
-    wanted = [r for r in REQUIREMENTS if r != "data" or ctx.vis]
+    wanted = [r for r in REQUIREMENTS if (r != "data" or ctx.vis) and (r != "keys" or ctx.keydir)]
     later = wanted[1:]
     reached, no_python, facts = parse_output(outcome.stdout)
     ssh = "ssh"
@@ -408,7 +417,7 @@ def _judge_no_facts(
 
 def _judge_one(requirement: str, host: str, facts: dict[str, Any], ctx: Context) -> Check:
     mine = ctx.facts
-    if requirement in ("workdir", "data"):
+    if requirement in ("workdir", "keys", "data"):
         return _judge_paths(requirement, host, facts, ctx)
     if requirement == "python":
         here, there = mine["python"], facts.get("python", {})
@@ -485,6 +494,12 @@ def _judge_paths(requirement: str, host: str, facts: dict[str, Any], ctx: Contex
         fix = (
             f"start the notebook in a folder that {host} mounts at the same path "
             "(a shared file system: home, project or scratch space)"
+        )
+    elif requirement == "keys":
+        targets = {ctx.keydir: ctx.keydir}
+        fix = (
+            f"set {ENV_KEY_DIR} to a folder {host} mounts at the same path (home or project "
+            "space): encrypted across hosts, the servers read their connection key there"
         )
     else:
         targets = {path: os.path.dirname(path) for path in ctx.vis}
@@ -717,7 +732,11 @@ def check(
     agent = find_agent(environ, config.extra_mpi_args, manager)
     workdir = os.path.abspath(workdir or os.getcwd())
     vis = tuple(os.path.abspath(os.path.expanduser(v)) for v in vis)
-    folders = list(dict.fromkeys([workdir, *(os.path.dirname(v) for v in vis)]))
+    keydir = ""
+    if keyfile.wanted(config.encrypted, False, False):  # (servers on other hosts here)
+        keydir = keyfile.private_base(keyfile.base_dir(environ))
+    folders = [workdir, *([keydir] if keydir else []), *(os.path.dirname(v) for v in vis)]
+    folders = list(dict.fromkeys(folders))
     token = secrets.token_hex(8)
     markers = _write_markers(folders, token, client)
     try:
@@ -734,7 +753,7 @@ def check(
         seconds = time.monotonic() - started
     finally:
         _remove_markers(folders, token)
-    ctx = Context(client, mine, agent, sys.executable, workdir, vis, markers, limit)
+    ctx = Context(client, mine, agent, sys.executable, workdir, vis, markers, limit, keydir)
     checks = [c for outcome in outcomes for c in judge(outcome, ctx)]
     return Report(client, hosts, checks, seconds, agent.describe())
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from casa_kernel import encryption
+from casa_kernel import encryption, keyfile
 from casa_kernel.errors import ClusterError
 from casa_kernel.janitor import kill_now, reap
 from casa_kernel.launcher import (
@@ -64,6 +64,7 @@ class EngineSet:
         self._stopped = threading.Event()
         self._ours = False  # stopped by us (a replacement), not by a death
         self.lost = ""  # why the servers' batch job ended from outside ("" if it did not)
+        self.url_file: str | None = None  # the connection file on a shared folder, if any
 
     def job(self) -> Any:
         """The batch job launcher of the current engine set (None: mpiexec run here)."""
@@ -77,6 +78,9 @@ class EngineSet:
         c.note = f"controller up; mpiexec starting {n} servers"
         self._stopped = threading.Event()
         self._ours, self.lost = False, ""
+        if self.url_file is not None:  # the key by file, not through mpiexec or the queue
+            info = await ipp.controller.get_connection_info()
+            keyfile.write(os.path.dirname(self.url_file), info["engine"])
         es_id = await ipp.start_engines(n)
         self.id, self.launcher = es_id, ipp.engines[es_id]
         self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
@@ -341,6 +345,15 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     launcher.extra_mpi_args = list(config.extra_mpi_args)
     launcher.environment = env
     launcher.engine_args = list(ENGINE_ARGS)
+    if keyfile.wanted(config.encrypted, placement.is_local, config.batch is not None):
+        # The HMAC key must not travel in IPP_CONNECTION_INFO (see keyfile.py).
+        folder = keyfile.make_folder(keyfile.base_dir({**os.environ, **env}))
+        cluster.janitor.add_folder(folder)
+        cluster._engines.url_file = os.path.join(folder, keyfile.FILE_NAME)
+        ipp_cluster.send_engines_connection_env = False
+        launcher.engine_args += keyfile.engine_args(cluster._engines.url_file)
+    else:
+        cluster._engines.url_file = None
     if config.batch is not None:
         launcher.job = config.batch
         launcher.note = (

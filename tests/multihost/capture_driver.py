@@ -10,8 +10,10 @@ out (they carry the cell and its result by design); everything else -- client
 <-> controller <-> engines, the MPI launch and MPI traffic -- is searched.
 
 Prints JSON lines like ``driver.py``: ``kernel_pid``, ``parallel``, ``status``,
-``files`` (modes of the private folder and the connection files), ``capture``
-(what was found where), ``left``.
+``files`` (modes of the private folder and the connection files), ``keyfiles``
+(modes of the shared key folder and what is in it, see casa_kernel/keyfile.py),
+``capture`` (what was found where), ``left``, ``keys_left`` (what is still in
+the shared key folder after the kernel's shutdown).
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ def security_files(pid: int) -> tuple[Path, dict[str, object]]:
     return Path(profile) / "security", modes
 
 
+def key_files(base: Path) -> dict[str, object]:
+    """Every file and folder under the shared key folder, relative, with its mode."""
+    modes: dict[str, object] = {".": oct(stat.S_IMODE(base.stat().st_mode))}
+    for path in sorted(base.rglob("*")):
+        modes[str(path.relative_to(base))] = oct(stat.S_IMODE(path.stat().st_mode))
+    return modes
+
+
 def controller_ports(security: Path) -> tuple[set[int], bytes]:
     """Every port of the controller named in its connection files, and the HMAC key."""
     ports: set[int] = set()
@@ -127,7 +137,9 @@ def analyse(
         "text_in_jupyter": bool(flows_containing(jupyter, CELL_TEXT.encode())),
         "text_in": flows_containing(others, CELL_TEXT.encode()),
         "result_in": flows_containing(others, result_bytes()),
-        # the HMAC key travels in the servers' environment: which processes carry it
+        # the HMAC key: every stream holding it (the Jupyter channels too), and
+        # which processes hold their ends
+        "key_in": flows_containing(streams, key) if key else ["(no key found)"],
         "key_owners": sorted(
             {owners.get(f[i], "?") for f, d in others.items() if key and key in d for i in (1, 3)}
         ),
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     agent.chmod(0o755)
     hostfile = workdir / "hosts.txt"
     hostfile.write_text(HOSTFILE)
+    keys = workdir / "keys"  # where the servers' connection file goes (shared: one FS)
     env = kernel_env(
         CASA_KERNEL_HOSTFILE=str(hostfile),
         CASA_KERNEL_NPROCS="3",
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         CASA_KERNEL_ENCRYPT=args.encrypt,
         CASA_KERNEL_PRELOAD="0",  # CASA plays no part here
         PRTE_MCA_plm_ssh_agent=str(agent),
+        CASA_KERNEL_KEY_DIR=str(keys),
     )
     os.chdir(workdir)
 
@@ -175,11 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         security, modes = security_files(pid)
         ports, key = controller_ports(security)
         emit(files=modes)
+        emit(keyfiles=key_files(keys) if keys.exists() else {})
         owners = port_owners()
         capture.stop()
     emit(capture=analyse(capture, jupyter_ports, ports, key, owners))
     left = wait_gone(pid, timeout=15)
     emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
+    emit(keys_left=sorted(p.name for p in keys.iterdir()) if keys.exists() else None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""The servers' connection file, on a shared folder, when their traffic is encrypted.
+
+Why: the servers' connection info holds the HMAC key that authenticates a
+client to the controller (ipyparallel's controller accepts ANY CurveZMQ client
+key, so the signature is what keeps a stranger out). ipyparallel hands it to the
+engines in the environment variable ``IPP_CONNECTION_INFO``; across hosts that
+variable travels with mpiexec's daemons (prterun -> prted), or with a batch job
+(sbatch -> slurmctld -> slurmd), over their own connections, in clear. So when
+the controller is encrypted and servers may run on other hosts, the info is
+written here instead -- a file 0600 in a folder 0700 on a path every host sees
+(the seed's shared file system; by default the user's home) -- and the engines
+read it (``IPEngine.url_file``). It is removed at stop (the janitor) and by the
+watchdog after a killed kernel. Nothing secret then crosses the network.
+
+Where: ``$CASA_KERNEL_KEY_DIR`` if set, else ``$XDG_STATE_HOME/casa-kernel/clusters``
+(``~/.local/state/casa-kernel/clusters``), beside the CASA logs; one folder per
+cluster in it. The preflight checks that this folder is the same on every host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from casa_kernel.config import ENV_KEY_DIR
+from casa_kernel.errors import ClusterError
+
+FILE_NAME = "engine.json"
+# A shared file system may show a new file on another host a little late (NFS
+# attribute cache, ~3-60 s): the engines wait this long for it before failing.
+WAIT_FOR_FILE = 60.0
+
+
+def wanted(encrypted: bool, all_local: bool, batch: bool) -> bool:
+    """Deliver the connection info by file? Only when encrypted and a server may be
+    on another host (on one machine the environment never leaves it)."""
+    return encrypted and (batch or not all_local)
+
+
+def base_dir(environ: Mapping[str, str], home: str | None = None) -> str:
+    """The folder holding the per-cluster folders (pure; see the module docstring)."""
+    configured = environ.get(ENV_KEY_DIR, "").strip()
+    if configured:
+        return os.path.abspath(os.path.expanduser(configured))
+    state = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec says to ignore relative values
+        state = os.path.join(home or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "casa-kernel", "clusters")
+
+
+def private_base(base: str) -> str:
+    """Create ``base`` (0700) if needed and check it is ours and owner-only."""
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.stat(base)
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot create the folder for the servers' connection file {base}: "
+            f"{exc.strerror or exc}; set {ENV_KEY_DIR} to a folder on a file system "
+            "every host of the servers mounts at the same path"
+        ) from None
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise ClusterError(f"{base} ({ENV_KEY_DIR}) belongs to another user")
+    if st.st_mode & 0o077:
+        os.chmod(base, 0o700)  # made by an older umask: keep others out
+    return base
+
+
+def make_folder(base: str) -> str:
+    """A fresh 0700 folder for one cluster under ``base`` (named for a human)."""
+    prefix = f"{socket.gethostname()}-{os.getpid()}-"
+    return tempfile.mkdtemp(prefix=prefix, dir=private_base(base))  # 0700
+
+
+def write(folder: str, info: Mapping[str, Any]) -> str:
+    """Write the engines' connection info, 0600 from the start; its path.
+
+    Written under another name and renamed, so an engine never reads half a file.
+    """
+    path = os.path.join(folder, FILE_NAME)
+    partial = path + ".part"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(info), f)
+    os.replace(partial, path)
+    return path
+
+
+def engine_args(path: str) -> list[str]:
+    """What the engines' command line adds to read the file instead of the env."""
+    return [f"--IPEngine.url_file={path}", f"--IPEngine.wait_for_url_file={WAIT_FOR_FILE:g}"]
