@@ -36,6 +36,8 @@ FORWARDED_ENV = (
     "CASASITECONFIG",
     "CASA_KERNEL_LOG_DIR",
     "CASA_KERNEL_LOG_TAG",
+    # set by ipyparallel only when not encrypted across hosts: then the HMAC key
+    # it holds goes in a shared file instead (casa_kernel/keyfile.py)
     "IPP_CONNECTION_INFO",
 )
 

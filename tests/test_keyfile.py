@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from casa_kernel import keyfile
@@ -116,3 +120,27 @@ def test_the_janitor_removes_the_folder_and_tells_the_watchdog(tmp_path: Path) -
     assert not os.path.exists(folder) and not os.path.exists(workdir)
     assert os.path.isdir(tmp_path / "keys")  # the base stays: other kernels may use it
     assert told[-1] == set()
+
+
+def test_the_watchdog_removes_the_folder_after_a_killed_kernel(tmp_path: Path) -> None:
+    """A kernel stand-in hooks its janitor to a real watchdog as the kernel does
+    (session.py), adds the key folder and is SIGKILLed: the watchdog removes it."""
+    folder = keyfile.make_folder(str(tmp_path / "keys"))
+    keyfile.write(folder, {"key": "secret"})
+    code = (
+        "import os, signal\n"
+        "from casa_kernel.janitor import Janitor\n"
+        "from casa_kernel.watchdog import Watchdog\n"
+        "watchdog = Watchdog()\n"
+        "janitor = Janitor(on_change=watchdog.watch)\n"
+        f"janitor.add_folder({folder!r})\n"
+        "print(watchdog.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    try:  # the watchdog ends once it has cleaned up
+        psutil.Process(int(proc.stdout.split()[0])).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    assert not os.path.exists(folder)
