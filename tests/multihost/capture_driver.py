@@ -89,6 +89,24 @@ def key_files(base: Path) -> dict[str, object]:
     return modes
 
 
+def engines(pid: int) -> list[dict[str, object]]:
+    """How each server got its connection info: the file its command line names
+    ("": none) and whether IPP_CONNECTION_INFO is in its environment."""
+    found = []
+    for proc in cluster_processes(pid):
+        try:
+            argv, environ = proc.cmdline(), proc.environ()
+        except psutil.Error:
+            continue
+        # the engines, not mpiexec/prterun (whose command line holds theirs)
+        if "--mpi" not in argv or os.path.basename(argv[0]) in ("mpiexec", "prterun"):
+            continue
+        prefix = "--IPEngine.url_file="
+        url_file = next((a[len(prefix) :] for a in argv if a.startswith(prefix)), "")
+        found.append({"url_file": url_file, "info_in_env": "IPP_CONNECTION_INFO" in environ})
+    return found
+
+
 def controller_ports(security: Path) -> tuple[set[int], bytes]:
     """Every port of the controller named in its connection files, and the HMAC key."""
     ports: set[int] = set()
@@ -190,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         ports, key = controller_ports(security)
         emit(files=modes)
         emit(keyfiles=key_files(keys) if keys.exists() else {})
+        emit(engines=engines(pid))
         owners = port_owners()
         capture.stop()
     emit(capture=analyse(capture, jupyter_ports, ports, key, owners))
