@@ -176,6 +176,24 @@ def test_a_replacement_launch_is_checked_too(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(2 * DRIVER_TIMEOUT)
+def test_a_host_without_the_shared_key_folder_is_named(report: dict[str, Any]) -> None:
+    """Encrypted across hosts (the default) the servers read their connection key
+    from CASA_KERNEL_KEY_DIR: a host that does not share it is ONE clear error
+    before launch, not a server that never registers."""
+    title, cells, notes = table(report["keys_check"])
+    assert "1 failed on antares" in title, title
+    assert [r for r, m in cells["antares"].items() if m != "ok"] == ["keys"]
+    assert set(cells["sirius"].values()) == {"ok"}
+    assert re.match(r"antares keys: /\S+/keys is another folder there", notes[0]), notes
+    restart = report["keys_restart"]
+    assert restart["status"] == "error", restart
+    assert "cannot be launched on antares" in restart["error"]
+    assert re.search(r"antares: keys: /\S+/keys is another folder there", restart["error"])
+    assert "do: set CASA_KERNEL_KEY_DIR to a folder antares mounts" in restart["error"]
+    assert "sirius" not in restart["error"].split("\n", 1)[1]
+
+
+@pytest.mark.timeout(2 * DRIVER_TIMEOUT)
 def test_a_hanging_host_gets_its_time_limit_and_no_more(report: dict[str, Any]) -> None:
     title, cells, notes = table(report["hang_check"])
     assert cells["sirius"]["ssh"] == "FAIL" and set(cells["antares"].values()) == {"ok"}
@@ -188,4 +206,5 @@ def test_a_hanging_host_gets_its_time_limit_and_no_more(report: dict[str, Any]) 
 def test_nothing_left_behind(report: dict[str, Any]) -> None:
     assert report["left"] == []
     assert report["markers_left"] == []  # the marker files are removed after each check
+    assert report["keys_left"] == []  # each cluster's key folder is removed at its stop
     assert wait_gone(report["kernel_pid"], timeout=5) == []

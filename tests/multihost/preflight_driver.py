@@ -11,7 +11,8 @@ cells, so one host at a time can be broken the way real clusters break:
 * ``{"ssh": TEXT}``: the agent prints TEXT and exits 255, as ssh does when it
   cannot connect;
 * ``{"hide": [FOLDER]}``: a tmpfs is mounted over FOLDER on that host only (the
-  data is not on a shared file system there);
+  data, or the folder of the servers' connection key, is not on a shared file
+  system there);
 * ``{"bind": [[SRC, DST]]}``: SRC is bind-mounted over DST on that host only
   (another casatasks version: its installed METADATA says so);
 * ``{"hang": true}``: the host never answers.
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             for line in original.read_text().splitlines(keepends=True)
         )
     )
+    keys = workdir / "keys"  # the servers' connection file (encrypted across hosts)
     env = kernel_env(
+        CASA_KERNEL_KEY_DIR=str(keys),
         CASA_KERNEL_HOSTFILE=str(hostfile),
         CASA_KERNEL_NPROCS=None,
         CASA_KERNEL_MPI_ARGS=shlex.join(["--mca", "btl_tcp_if_include", INTERFACE]),
@@ -198,12 +201,18 @@ def main(argv: list[str] | None = None) -> None:
         step(kc, "version_check", "%casa_cluster check", timeout)
         step(kc, "version_restart", "%casa_cluster restart", timeout)
 
+        # antares does not share the folder of the servers' connection key
+        broken(antares={"hide": [str(keys)]})
+        step(kc, "keys_check", "%casa_cluster check", timeout)
+        step(kc, "keys_restart", "%casa_cluster restart", timeout)
+
         broken(sirius={"hang": True})
         step(kc, "hang_check", "%casa_cluster check", timeout)
         broken()
         emit(processes_while_running=len(cluster_processes(pid)))
     left = wait_gone(pid, timeout=15)
     emit(markers_left=[str(p) for p in workdir.rglob(".casa-kernel-preflight-*")])
+    emit(keys_left=sorted(p.name for p in keys.iterdir()) if keys.exists() else None)
     emit(
         left=[" ".join(p.cmdline()) for p in left if p.is_running()],
         seconds=round(time.monotonic() - started, 2),
