@@ -214,6 +214,16 @@ def test_servers_from_the_queue(cluster: Slurm, tmp_path: Path) -> None:
         assert {r[2] for r in ranks} == {6}  # one MPI world
         assert {r[1] for r in ranks} == {"antares", "orion"}  # servers on both nodes
 
+        # encrypted (servers from the queue may be anywhere): the HMAC key reached
+        # the 4 servers by the shared key file, not in the job's environment or
+        # script, which Slurm carries to the nodes and keeps with the job
+        exposure = got["key_exposure"]
+        assert exposure["engines"] == [{"url_file": True, "info_in_env": False}] * 4, exposure
+        assert exposure["key_found"] and exposure["script_read"], exposure
+        assert not exposure["key_in_script"], exposure
+        assert exposure["job_env_read"], exposure  # (else the next line proves nothing)
+        assert not exposure["key_in_job_env"] and not exposure["info_in_job_env"], exposure
+
         # a server killed mid-cell: recovered as without Slurm, in a new job
         killed = got["killed"]
         assert killed["status"] == "ok", killed["traceback"] or killed["error"]

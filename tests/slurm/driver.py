@@ -110,6 +110,48 @@ def release_held_job(after: float) -> None:
     threading.Thread(target=release, daemon=True).start()
 
 
+def key_exposure(pid: int) -> dict[str, object]:
+    """Encrypted, servers from the queue read the HMAC key from a shared file: how
+    each server got its connection info, and whether the key is in what Slurm
+    carries and keeps for the job (its batch script, its stored environment)."""
+    engines, key = [], ""
+    for proc in cluster_processes(pid):
+        try:
+            argv, environ = proc.cmdline(), proc.environ()
+        except Exception:
+            continue
+        if "--mpi" not in argv or os.path.basename(argv[0]) in ("mpiexec", "prterun"):
+            continue
+        prefix = "--IPEngine.url_file="
+        url_file = next((a[len(prefix) :] for a in argv if a.startswith(prefix)), "")
+        engines.append(
+            {"url_file": bool(url_file), "info_in_env": "IPP_CONNECTION_INFO" in environ}
+        )
+        if url_file and not key:
+            key = json.loads(Path(url_file).read_text())["key"]
+    (job,) = [line.split()[0] for line in queue()]
+    script = subprocess.run(
+        ["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True
+    ).stdout
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    state = next(
+        line.split("=", 1)[1].strip()
+        for line in config.stdout.splitlines()
+        if line.startswith("StateSaveLocation")
+    )
+    stored = list(Path(state).glob(f"hash.*/job.{job}/environment"))
+    job_env = stored[0].read_bytes() if stored else b""
+    return {
+        "engines": engines,
+        "key_found": bool(key),
+        "script_read": "mpiexec" in script,
+        "key_in_script": bool(key) and key in script,
+        "job_env_read": b"SLURM" in job_env or b"PATH=" in job_env,
+        "key_in_job_env": bool(key) and key.encode() in job_env,
+        "info_in_job_env": b"IPP_CONNECTION_INFO" in job_env,
+    }
+
+
 def in_queue(start: str, kill: bool) -> None:
     started = time.monotonic()
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2")) as (km, kc):
@@ -121,6 +163,8 @@ def in_queue(start: str, kill: bool) -> None:
         emit(start=summary(execute(kc, start, timeout=120), started))
         emit(queue_while_running=queue())
         emit(parallel=summary(execute(kc, SPMD_CELL, timeout=90), started))
+        if not kill:
+            emit(key_exposure=key_exposure(pid))
         if kill:
             os.kill(pid, signal.SIGKILL)
             km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
