@@ -127,8 +127,9 @@ def key_exposure(pid: int) -> dict[str, object]:
         engines.append(
             {"url_file": bool(url_file), "info_in_env": "IPP_CONNECTION_INFO" in environ}
         )
-        if url_file and not key:
-            key = json.loads(Path(url_file).read_text())["key"]
+        if not key:  # from where this server read it: the file, or its environment
+            info = Path(url_file).read_text() if url_file else environ.get("IPP_CONNECTION_INFO")
+            key = json.loads(info or "{}").get("key", "")
     (job,) = [line.split()[0] for line in queue()]
     script = subprocess.run(
         ["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True
