@@ -9,8 +9,12 @@ variable travels with mpiexec's daemons (prterun -> prted), or with a batch job
 the controller is encrypted and servers may run on other hosts, the info is
 written here instead -- a file 0600 in a folder 0700 on a path every host sees
 (the seed's shared file system; by default the user's home) -- and the engines
-read it (``IPEngine.url_file``). It is removed at stop (the janitor) and by the
-watchdog after a killed kernel. Nothing secret then crosses the network.
+read it (``IPEngine.url_file``, read once, when an engine starts). The folder is
+removed as soon as every server has registered (written again for a
+replacement's start), so it exists only while servers start; at stop (the
+janitor) and by the watchdog after a killed kernel too. Nothing secret then
+crosses the network, and a kernel killed with its watchdog (a batch job
+cancelled) leaves no key behind unless killed mid-start.
 
 Where: ``$CASA_KERNEL_KEY_DIR`` if set, else ``$XDG_STATE_HOME/casa-kernel/clusters``
 (``~/.local/state/casa-kernel/clusters``), beside the CASA logs; one folder per
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -79,8 +84,13 @@ def make_folder(base: str) -> str:
 def write(folder: str, info: Mapping[str, Any]) -> str:
     """Write the engines' connection info, 0600 from the start; its path.
 
-    Written under another name and renamed, so an engine never reads half a file.
+    The folder is made again (0700) if :func:`remove` took it. Written under
+    another name and renamed, so an engine never reads half a file.
     """
+    try:
+        os.mkdir(folder, 0o700)  # in our 0700 base: nobody else can take the name
+    except FileExistsError:
+        pass
     path = os.path.join(folder, FILE_NAME)
     partial = path + ".part"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -88,6 +98,11 @@ def write(folder: str, info: Mapping[str, Any]) -> str:
         json.dump(dict(info), f)
     os.replace(partial, path)
     return path
+
+
+def remove(folder: str) -> None:
+    """The folder and its file, once every server has read it."""
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def engine_args(path: str) -> list[str]:

@@ -108,6 +108,8 @@ class EngineSet:
                     f"({len(client.ids)} did)\nmpiexec said:\n{self.output()}"
                 ) from None
             raise
+        if self.url_file is not None:  # every server has read it: no key left lying
+            keyfile.remove(os.path.dirname(self.url_file))
         c.note = "servers registered; binding rank, size, comm"
         await self._setup(client)
         return client

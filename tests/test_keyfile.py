@@ -78,6 +78,11 @@ def test_folder_and_file_are_owner_only(tmp_path: Path) -> None:
     assert mode(base) == 0o700 and mode(folder) == 0o700 and mode(path) == 0o600
     assert json.loads(Path(path).read_text())["key"] == "other"
     assert os.listdir(folder) == [keyfile.FILE_NAME]  # no half-written file left
+    # removed once every server has read it; a replacement's start writes it again
+    keyfile.remove(folder)
+    assert not os.path.exists(folder)
+    assert keyfile.write(folder, {"key": "third"}) == path
+    assert mode(folder) == 0o700 and mode(path) == 0o600
     assert keyfile.engine_args(path) == [
         f"--IPEngine.url_file={path}",
         f"--IPEngine.wait_for_url_file={keyfile.WAIT_FOR_FILE:g}",

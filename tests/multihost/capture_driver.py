@@ -11,7 +11,8 @@ out (they carry the cell and its result by design); everything else -- client
 
 Prints JSON lines like ``driver.py``: ``kernel_pid``, ``parallel``, ``status``,
 ``files`` (modes of the private folder and the connection files), ``keyfiles``
-(modes of the shared key folder and what is in it, see casa_kernel/keyfile.py),
+(what was seen in the shared key folder while servers started, with modes,
+see casa_kernel/keyfile.py), ``keys_while_running``,
 ``capture`` (what was found where), ``left``, ``keys_left`` (what is still in
 the shared key folder after the kernel's shutdown).
 """
@@ -24,6 +25,8 @@ import os
 import shlex
 import stat
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -81,12 +84,30 @@ def security_files(pid: int) -> tuple[Path, dict[str, object]]:
     return Path(profile) / "security", modes
 
 
-def key_files(base: Path) -> dict[str, object]:
-    """Every file and folder under the shared key folder, relative, with its mode."""
-    modes: dict[str, object] = {".": oct(stat.S_IMODE(base.stat().st_mode))}
-    for path in sorted(base.rglob("*")):
-        modes[str(path.relative_to(base))] = oct(stat.S_IMODE(path.stat().st_mode))
-    return modes
+class KeyWatch:
+    """Every file and folder seen under the shared key folder while servers start
+    (it is removed once they have registered), relative, with its mode."""
+
+    def __init__(self, base: Path):
+        self.base, self.seen = base, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keywatch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in [self.base, *self.base.rglob("*")] if self.base.exists() else []:
+                try:
+                    mode = oct(stat.S_IMODE(path.stat().st_mode))
+                except OSError:
+                    continue  # removed meanwhile
+                self.seen[str(path.relative_to(self.base))] = mode
+            time.sleep(0.001)
+
+    def stop(self) -> dict[str, object]:
+        self._stop.set()
+        self._thread.join()
+        return dict(self.seen)
 
 
 def engines(pid: int) -> list[dict[str, object]]:
@@ -193,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(workdir)
 
     capture = Capture().start()
+    watch = KeyWatch(keys)
     with running_kernel(env) as (km, kc):
         pid = kernel_pid(km)
         emit(kernel_pid=pid)
@@ -207,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         security, modes = security_files(pid)
         ports, key = controller_ports(security)
         emit(files=modes)
-        emit(keyfiles=key_files(keys) if keys.exists() else {})
+        emit(keyfiles=watch.stop())
+        emit(keys_while_running=sorted(p.name for p in keys.iterdir()) if keys.exists() else None)
         emit(engines=engines(pid))
         owners = port_owners()
         capture.stop()

@@ -127,9 +127,10 @@ def key_exposure(pid: int) -> dict[str, object]:
         engines.append(
             {"url_file": bool(url_file), "info_in_env": "IPP_CONNECTION_INFO" in environ}
         )
-        if not key:  # from where this server read it: the file, or its environment
-            info = Path(url_file).read_text() if url_file else environ.get("IPP_CONNECTION_INFO")
-            key = json.loads(info or "{}").get("key", "")
+        profile = environ.get("IPP_PROFILE_DIR")
+        if not key and profile:  # the controller's own copy, in the kernel's private folder
+            for path in Path(profile, "security").glob("*-engine.json"):
+                key = json.loads(path.read_text()).get("key", "")
     (job,) = [line.split()[0] for line in queue()]
     script = subprocess.run(
         ["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True
