@@ -42,6 +42,19 @@ FORWARDED_ENV = (
 )
 
 
+# A rank waiting in MPI (CASA's cube client while its workers grid, a worker
+# between channel chunks, a server in a bcast) polls in a loop; with servers
+# sharing the cores that loop takes CPU from the ones working. These make the
+# poll sleep 100 us when idle instead (OpenMPI 5's pthreads yield strategy);
+# measured on a loaded 2-core box: a C++ cube 1.5-2x faster (BENCHMARKS.md,
+# Imaging). A message waits at most one sleep longer; the user's values win.
+SLEEP_WHEN_IDLE = {
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+    "OMPI_MCA_threads_pthreads_yield_strategy": "nanosleep",
+    "OMPI_MCA_threads_pthreads_nanosleep_time": "100000",
+}
+
+
 # The servers' stdout/stderr: what Python writes goes to the cell. C-level
 # output (fd 1/2) is not captured: CASA echoes every WARN/SEVERE there AND logs
 # it, and the log is relayed (whole lines, known noise dropped, see
@@ -87,6 +100,8 @@ def mpi_environment(local: bool, as_root: bool, environ: Mapping[str, str]) -> d
         # The ofi BTL costs ~1 s of MPI_Init probing fabrics a single machine
         # does not have; on real multi-host clusters it may be the fast path.
         env["OMPI_MCA_btl"] = "^ofi"
+    if local:
+        env.update({k: v for k, v in SLEEP_WHEN_IDLE.items() if k not in environ})
     return env
 
 

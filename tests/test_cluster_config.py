@@ -10,7 +10,13 @@ import pytest
 from casa_kernel.config import ClusterConfig, find_mpiexec
 from casa_kernel.errors import ClusterError, HostfileError, PlacementError
 from casa_kernel.hostfile import parse_hostfile, place
-from casa_kernel.launcher import LaunchSpec, death_cause, mpi_environment, mpiexec_command
+from casa_kernel.launcher import (
+    SLEEP_WHEN_IDLE,
+    LaunchSpec,
+    death_cause,
+    mpi_environment,
+    mpiexec_command,
+)
 
 SPEC = LaunchSpec("/venv/bin/mpiexec", 2, "/tmp/x/servers.hostfile", local=True)
 PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
@@ -25,7 +31,7 @@ PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
             False,
             ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
             + ["--bind-to", "none", "-x", "PATH", *PROGRAM],
-            {"OMPI_MCA_btl": "^ofi"},
+            {"OMPI_MCA_btl": "^ofi", **SLEEP_WHEN_IDLE},
         ),
         (  # every forwarded variable that is set, in a fixed order; unset ones not
             SPEC,
@@ -39,7 +45,7 @@ PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
             ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
             + ["--bind-to", "none", "-x", "PATH", "-x", "CASASITECONFIG"]
             + ["-x", "CASA_KERNEL_LOG_DIR", "-x", "IPP_CONNECTION_INFO", *PROGRAM],
-            {"OMPI_MCA_btl": "^ofi"},
+            {"OMPI_MCA_btl": "^ofi", **SLEEP_WHEN_IDLE},
         ),
         (  # site flags go after ours, before the program; remote: ofi left alone
             LaunchSpec("mpiexec", 7, "/h", local=False, extra_args=("--mca", "x", "y")),
@@ -60,6 +66,7 @@ PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                 "PRTE_ALLOW_RUN_AS_ROOT": "1",
                 "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                **SLEEP_WHEN_IDLE,
             },
         ),
     ],
@@ -81,6 +88,18 @@ def test_root_variables_only_for_root_and_ofi_off_only_locally():
     assert mpi_environment(True, False, {})["OMPI_MCA_btl"] == "^ofi"
     assert "OMPI_MCA_btl" not in mpi_environment(False, False, {})
     assert "OMPI_MCA_btl" not in mpi_environment(True, False, {"OMPI_MCA_btl": "tcp,self"})
+
+
+def test_waiting_ranks_sleep_locally_unless_the_user_says_otherwise():
+    """Servers sharing cores: a rank polling in MPI must not take CPU from the
+    ones working (BENCHMARKS.md, Imaging)."""
+    env = mpi_environment(True, False, {})
+    assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert env["OMPI_MCA_threads_pthreads_yield_strategy"] == "nanosleep"
+    assert int(env["OMPI_MCA_threads_pthreads_nanosleep_time"]) > 0
+    mine = {"OMPI_MCA_threads_pthreads_yield_strategy": "sched_yield"}
+    assert "OMPI_MCA_threads_pthreads_yield_strategy" not in mpi_environment(True, False, mine)
+    assert not set(SLEEP_WHEN_IDLE) & set(mpi_environment(False, False, {}))
 
 
 def test_placement_of_a_hostfile_is_remote():
