@@ -37,6 +37,7 @@ from casa_kernel.casampi_cube import (
     server_pids,
     share_cores,
 )
+from casa_kernel.casa.tasks import forget_failures
 from casa_kernel.casampi_tasks import MPICommandClient, _serially
 from casa_kernel.errors import ClusterError
 
@@ -205,7 +206,6 @@ def route_imaging(name: str) -> Any:
     """The route (casa/tasks.py) of the notebook's imaging task ``name``."""
 
     def route(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        global _gridded_continuum
         params = _bound(task, args, kwargs)
         if not _active():
             if name == "tclean" and params.get("parallel"):
@@ -234,13 +234,7 @@ def route_imaging(name: str) -> Any:
                 with _serially():
                     return task(**params)
             if name == "tclean" and params.get("parallel"):
-                answer_polls_at_once()
-                share_cores()
-                _gridded_continuum = server_pids()
-                say(
-                    f"{name}: gridding on {labels(range(_cluster().config.nservers))}; "
-                    "minor cycle in the kernel"
-                )
+                return _continuum(task, params)
             return task(**params)
 
     return route
@@ -253,3 +247,80 @@ def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
     # deconvolve (a cube image) and sdintimaging decide inside the task; they run
     # on rank 0 too, and release the other servers themselves or through us.
     return name in CPP_PARALLEL_TASKS
+
+
+# How many times one parallel continuum call is run again after its servers died.
+CONTINUUM_RERUNS = 2
+
+
+def _continuum(task: Any, params: dict[str, Any]) -> Any:
+    """tclean(parallel=True): CASA's parallel continuum imager, the servers gridding.
+
+    A server that dies ends the MPI world, and with it every server's imager
+    (``toolsi``: its data selection, partial grids, weights), which lives only
+    in the servers' namespaces; the dispatcher's new servers have none, so no
+    single command can be run again. The whole call is: CASA's products that
+    this call made are removed and tclean starts over on the new servers, as
+    if the first attempt had not happened (products that existed before the
+    call, a restart's, are kept). Any attempt whose servers changed under it
+    is run again, even one that returned: its grids may come from two worlds.
+    """
+    global _gridded_continuum
+    answer_polls_at_once()
+    imagename = params.get("imagename")
+    keep = products(imagename) if isinstance(imagename, str) and imagename else set()
+    for attempt in range(CONTINUUM_RERUNS + 1):
+        share_cores()
+        before = _gridded_continuum = server_pids()
+        say(
+            f"tclean: gridding on {labels(range(_cluster().config.nservers))}; "
+            "minor cycle in the kernel"
+        )
+        try:
+            value = task(**params)
+        except Exception:
+            if _servers_alive(before) or attempt == CONTINUUM_RERUNS:
+                raise
+        else:
+            if _servers_alive(before):
+                return value
+            if attempt == CONTINUUM_RERUNS:
+                raise ClusterError(
+                    f"tclean(parallel=True) lost its servers {CONTINUUM_RERUNS + 1} times: "
+                    f"{_cluster().last_cause or 'a server died'}"
+                )
+        cause = _cluster().last_cause or "a server died"
+        if isinstance(imagename, str) and imagename:
+            for path in sorted(products(imagename) - keep):
+                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        forget_failures()
+        _reset_iteration_control()
+        say(f"{cause}: the servers' imagers were lost; re-ran tclean from the start")
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _servers_alive(pids: frozenset[int]) -> bool:
+    """Are these the servers still, all of them alive (none replaced, none dead)?"""
+    from casa_kernel.progress import wait_ready
+
+    wait_ready(_cluster())  # replaces servers found dead (a kill between two commands)
+    return server_pids() == pids
+
+
+def _reset_iteration_control() -> None:
+    """Zero CASA's iteration counters left by the lost attempt.
+
+    casatools' iterbotsink shares one state per process; a tclean that raises
+    skips the step that zeroes it, so the next call's ``interactiveiterdone``
+    would include the lost attempt's iterations (serial CASA does the same
+    after a failed call: measured 411 instead of 400).
+    """
+    from casatools import iterbotsink
+
+    bot = iterbotsink()
+    try:
+        bot.resetminorcycleinfo()
+    finally:
+        bot.done()

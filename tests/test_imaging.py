@@ -259,6 +259,32 @@ def test_killed_server_during_cube_costs_no_result(root, kernel):
     assert_returns_equal(serial, parallel, scale)
 
 
+def test_killed_server_during_continuum_costs_no_result(root, kernel):
+    """The servers' imagers die with the MPI world: the whole call is re-run."""
+    import ast
+    import signal
+
+    params = dict(
+        specmode="mfs", niter=400, cycleniter=20, imsize=128, cell="8arcsec", parallel=True
+    )
+    serial = _serial(root, "s_ckill", **dict(COMMON, **params))
+    # warm: CASA imported on every server, so the kill lands in the call itself
+    _in_kernel(kernel, "warm_ckill", **dict(COMMON, specmode="mfs", niter=0, imsize=32))
+    pids = execute(kernel, "%%casa_parallel\nimport os\nos.getpid()")
+    victim = ast.literal_eval(pids.result)[1]
+    killer = threading.Timer(1.5, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    parallel = _in_kernel(kernel, "p_ckill", **dict(COMMON, **params))
+    killer.join()
+    stderr = LAST["reply"].stderr
+    assert "re-ran tclean from the start" in stderr, stderr[-3000:]
+    assert_products_equal(root, "s_ckill", "p_ckill")
+    scale = float(np.abs(_pixels(str(root / "s_ckill.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+    after = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
+    assert victim not in after
+
+
 LONG_CUBE = dict(
     COMMON,
     imsize=256,
