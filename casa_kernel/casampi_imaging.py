@@ -29,6 +29,7 @@ from casa_kernel.bridge import (
     value_of,
     values_by_server,
 )
+from casa_kernel.casa.tasks import forget_failures
 from casa_kernel.casampi_cube import (
     labels,
     products,
@@ -37,7 +38,6 @@ from casa_kernel.casampi_cube import (
     server_pids,
     share_cores,
 )
-from casa_kernel.casa.tasks import forget_failures
 from casa_kernel.casampi_tasks import MPICommandClient, _serially
 from casa_kernel.errors import ClusterError
 
