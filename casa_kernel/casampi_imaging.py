@@ -244,9 +244,30 @@ def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
     """Would casatasks, under mpicasa, hand this call to its C++ MPI servers?"""
     if name == "tclean":
         return params.get("specmode", "mfs") in CUBE_SPECMODES
-    # deconvolve (a cube image) and sdintimaging decide inside the task; they run
-    # on rank 0 too, and release the other servers themselves or through us.
+    if name == "deconvolve":
+        # task_deconvolve's own test: not mtmfs, and a psf of more than one channel
+        # (else it stays serial under mpicasa too, and here in the kernel)
+        if params.get("deconvolver", "hogbom") == "mtmfs":
+            return False
+        return _channels(f"{params.get('imagename')}.psf") > 1
+    # sdintimaging puts its servers in C++ MPI mode whenever there are servers
     return name in CPP_PARALLEL_TASKS
+
+
+def _channels(path: str) -> int:
+    """Channels of the image at ``path`` (0 when there is none: the task says why)."""
+    if not os.path.isdir(path):
+        return 0
+    from casatools import image
+
+    ia = image()
+    try:
+        ia.open(path)
+        return int(ia.shape()[3])
+    except Exception:
+        return 0
+    finally:
+        ia.done()
 
 
 # How many times one parallel continuum call is run again after its servers died.
