@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import shutil
 import sys
 from typing import Any
 
+from casa_kernel import progress
 from casa_kernel.bridge import (
     CPP_MPI_COMMAND,
     CPP_PARALLEL_TASKS,
@@ -46,11 +48,15 @@ from casa_kernel.errors import ClusterError
 # bench/imaging.py); with 2 workers it was bit-equal, like mpicasa's. Below
 # this many servers, cubes run serially in the kernel.
 MIN_CUBE_SERVERS = 3
-# Server pids that gridded a parallel continuum call. Measured (bench MS): a cube
-# whose client (rank 0) gridded continuum before in the same process puts data
-# in an LSRK edge channel that serial leaves blank (sumwt 132 vs 0); fresh
-# servers, and mpicasa (whose cube client never grids), stay serial-equal.
-# Cause not found; we say so and how to avoid it.
+# Server pids that ran a parallel continuum call with niter > 0. Measured (bench
+# MS, 3 servers): a later cube on them puts data in an LSRK edge channel that
+# serial leaves blank (sumwt 132 vs 0); fresh servers, and mpicasa (whose cube
+# client never grids), stay serial-equal. Ruled out (each tried, cube still 132
+# or still 0 as stated): the MS (fresh servers after it: 0), casacore's table
+# cache (empty on every server), the servers' `toolsi` (deleted: 132), a serial
+# mfs niter=50 tclean on rank 0 (0), LSRK conversions through `me` at other
+# epochs on every server (0), a continuum call with niter=0 (0). Cause not
+# found; we say so and how to avoid it.
 _gridded_continuum: frozenset[int] = frozenset()
 
 
@@ -76,6 +82,7 @@ class _InterfaceCore:
         return sorted({info.host for info in _cluster().servers.values()})
 
     def pgc(self, commands: Any, block: bool = True) -> Any:
+        _note_stage(str(commands))
         if isinstance(commands, dict):
             ids = [
                 self.client.push_command_request(cmd, False, server)[0]
@@ -93,6 +100,8 @@ class _InterfaceCore:
         return self.client.push_command_request(commands, block, _server_ranks())
 
     def odo(self, job: str, nodes: Any) -> list[int]:
+        if nodes in (None, _first_server()):  # one step is sent to each server in turn
+            _note_stage(job)
         return self.client.push_command_request(job, False, nodes)
 
     def execute(self, job: str, nodes: Any) -> list[dict[str, Any]]:
@@ -286,13 +295,26 @@ def _continuum(task: Any, params: dict[str, Any]) -> Any:
     call, a restart's, are kept). Any attempt whose servers changed under it
     is run again, even one that returned: its grids may come from two worlds.
     """
+    title = f"tclean on {imagename!r}" if (imagename := params.get("imagename")) else "tclean"
+    with progress.operation(_cluster(), f"{title} (parallel continuum)", _work) as op:
+        value = _continuum_attempts(task, params)
+        op.stage = f"{op.cycles} major cycle{'s' if op.cycles != 1 else ''}"
+        return value
+
+
+def _continuum_attempts(task: Any, params: dict[str, Any]) -> Any:
     global _gridded_continuum
     answer_polls_at_once()
     imagename = params.get("imagename")
     keep = products(imagename) if isinstance(imagename, str) and imagename else set()
     for attempt in range(CONTINUUM_RERUNS + 1):
+        op = progress.current_operation()
+        if op is not None:
+            op.cycles = 0
         share_cores()
-        before = _gridded_continuum = server_pids()
+        before = server_pids()
+        if (params.get("niter") or 0) > 0:  # measured: niter=0 leaves later cubes serial-equal
+            _gridded_continuum = before
         say(
             f"tclean: gridding on {labels(range(_cluster().config.nservers))}; "
             "minor cycle in the kernel"
@@ -345,3 +367,47 @@ def _reset_iteration_control() -> None:
         bot.resetminorcycleinfo()
     finally:
         bot.done()
+
+
+# What parallel_imager_helper's commands to the servers' imagers (``toolsi.<step>``)
+# mean, for the progress display: the client's view of where the call is.
+_STEPS = {
+    "selectdata": "selecting data",
+    "defineimage": "defining images",
+    "setweighting": "weighting",
+    "makepsf": "making the psf",
+    "makepb": "making the primary beam",
+    "executemajorcycle": "major cycle",
+}
+_STEP = re.compile(r"toolsi\.(\w+)\(")
+
+
+def _first_server() -> int | None:
+    ranks = _server_ranks()
+    return ranks[0] if ranks else None
+
+
+def _note_stage(command: str) -> None:
+    """A command to the servers' imagers starts a step: show it (major cycle N)."""
+    op = progress.current_operation()
+    match = _STEP.search(command)
+    if op is None or match is None or match.group(1) not in _STEPS:
+        return
+    step = match.group(1)
+    if step == "executemajorcycle":
+        op.cycles += 1
+        op.set_stage(f"major cycle {op.cycles}")
+    else:
+        op.set_stage(_STEPS[step])
+
+
+def _work(label: str) -> str:
+    """A server's current job in the display: the step, not the command text."""
+    op = progress.current_operation()
+    match = _STEP.search(label)
+    if match is None:
+        return label[:40]
+    step = _STEPS.get(match.group(1), match.group(1))
+    if match.group(1) == "executemajorcycle" and op is not None:
+        return f"major cycle {op.cycles}: gridding its data partition"
+    return step

@@ -172,10 +172,47 @@ def test_mfs_parallel_hogbom_natural_equals_serial(root, kernel):
     )
     assert serial["iterdone"] > 0
     assert re.search(r"gridding on rank 0@\S+, rank 1@\S+, rank 2@\S+", LAST["reply"].stderr)
+    # ONE live display for the whole call: the major cycle (client side) and
+    # which server grids what, then a summary
+    messages = LAST["reply"].display_messages()
+    assert messages and messages[0][0] == "display_data", messages
+    display_id = messages[0][1]["transient"]["display_id"]
+    assert all(c["transient"]["display_id"] == display_id for _, c in messages)
+    assert [k for k, _ in messages[1:]] == ["update_display_data"] * (len(messages) - 1)
+    states = [c["data"] for _, c in messages]
+    shown = [s["text/plain"] for s in states]
+    for stage in ("making the psf", "major cycle 1", "major cycle 2"):
+        assert any(f"({stage})" in text for text in shown), (stage, shown)
+    final = states[-1]["text/plain"]
+    assert re.fullmatch(
+        r"casa-kernel: tclean on 'p_mfs' \(parallel continuum\): 1/1 call in [\d.]+ s; "
+        r"busy: rank 0@\S+ \d+%, rank 1@\S+ \d+%, rank 2@\S+ \d+%; \d+ major cycles",
+        final,
+    ), final
     # CASA's parallel imager removed its servers' work folder (the partial images)
     listing = execute(kernel, "import os; print(sorted(os.listdir('.')))").stdout
     assert "p_mfs.image" in listing
     assert "p_mfs.workdirectory" not in listing
+
+
+def test_continuum_progress_names_each_servers_step():
+    """What a server's job reads as in the live table (pure: no servers needed)."""
+    from casa_kernel import casampi_imaging, progress
+
+    class Cluster:
+        servers: dict = {}
+        client = None
+
+    with progress.operation(Cluster(), "tclean") as op:
+        casampi_imaging._note_stage("toolsi.makepsf()")
+        assert op.stage == "making the psf"
+        casampi_imaging._note_stage("toolsi.executemajorcycle(controls={'lastcycle':False})")
+        casampi_imaging._note_stage("casalog.post('node 1 has completed its job')")
+        assert op.stage == "major cycle 1"
+        work = casampi_imaging._work("toolsi.executemajorcycle(controls={'lastcycle':True})")
+        assert work == "major cycle 1: gridding its data partition"
+        assert casampi_imaging._work("toolsi.makepb()") == "making the primary beam"
+    assert progress.current_operation() is None
 
 
 def test_mfs_parallel_multiscale_briggs_user_mask_equals_serial(root, kernel):
