@@ -21,7 +21,6 @@ from casa_kernel import progress
 from casa_kernel.bridge import (
     CPP_MPI_COMMAND,
     CPP_PARALLEL_TASKS,
-    CUBE_SPECMODES,
     PUSH,
     _active,
     _cluster,
@@ -252,7 +251,9 @@ def route_imaging(name: str) -> Any:
 def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
     """Would casatasks, under mpicasa, hand this call to its C++ MPI servers?"""
     if name == "tclean":
-        return params.get("specmode", "mfs") in CUBE_SPECMODES
+        # task_tclean's own test: every specmode but 'mfs' (cube, cubedata,
+        # cubesource, and 'mvc', mtmfs via a cube) goes C++-parallel
+        return params.get("specmode", "mfs") != "mfs"
     if name == "deconvolve":
         # task_deconvolve's own test: not mtmfs, and a psf of more than one channel
         # (else it stays serial under mpicasa too, and here in the kernel)

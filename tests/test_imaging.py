@@ -350,6 +350,17 @@ def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_di
     assert "MPIServer-1" in logs
 
 
+def test_mtmfs_via_cube_goes_cpp_parallel_equal_to_serial(root, kernel):
+    """specmode='mvc' is a cube to task_tclean (C++ parallel under mpicasa too)."""
+    params = dict(specmode="mvc", deconvolver="mtmfs", nterms=2, niter=30, spw="0")
+    serial = _serial(root, "s_mvc", **COMMON, **params)
+    parallel = _in_kernel(kernel, "p_mvc", **COMMON, **params)
+    assert "cube client on rank 0@" in LAST["reply"].stderr
+    assert_products_equal(root, "s_mvc", "p_mvc", required=(".image.tt0", ".image.tt1"))
+    scale = float(np.abs(_pixels(str(root / "s_mvc.image.tt0"))).max())
+    assert_returns_equal(serial, parallel, scale)
+
+
 def test_cube_auto_multithresh_briggs_equals_serial(root, kernel):
     serial, _ = _case(
         root,
