@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import shutil
 import sys
 from typing import Any
@@ -21,11 +20,14 @@ from casa_kernel import progress
 from casa_kernel.bridge import (
     CPP_MPI_COMMAND,
     CPP_PARALLEL_TASKS,
+    IMAGER_STEPS,
+    MAJOR_CYCLE_STEP,
     PUSH,
     _active,
     _cluster,
     _server_ranks,
     answer_polls_at_once,
+    imager_step,
     raise_failures,
     value_of,
     values_by_server,
@@ -370,19 +372,6 @@ def _reset_iteration_control() -> None:
         bot.done()
 
 
-# What parallel_imager_helper's commands to the servers' imagers (``toolsi.<step>``)
-# mean, for the progress display: the client's view of where the call is.
-_STEPS = {
-    "selectdata": "selecting data",
-    "defineimage": "defining images",
-    "setweighting": "weighting",
-    "makepsf": "making the psf",
-    "makepb": "making the primary beam",
-    "executemajorcycle": "major cycle",
-}
-_STEP = re.compile(r"toolsi\.(\w+)\(")
-
-
 def _first_server() -> int | None:
     ranks = _server_ranks()
     return ranks[0] if ranks else None
@@ -391,24 +380,22 @@ def _first_server() -> int | None:
 def _note_stage(command: str) -> None:
     """A command to the servers' imagers starts a step: show it (major cycle N)."""
     op = progress.current_operation()
-    match = _STEP.search(command)
-    if op is None or match is None or match.group(1) not in _STEPS:
+    step = imager_step(command)
+    if op is None or step not in IMAGER_STEPS:
         return
-    step = match.group(1)
-    if step == "executemajorcycle":
+    if step == MAJOR_CYCLE_STEP:
         op.cycles += 1
         op.set_stage(f"major cycle {op.cycles}")
     else:
-        op.set_stage(_STEPS[step])
+        op.set_stage(IMAGER_STEPS[step])
 
 
 def _work(label: str) -> str:
     """A server's current job in the display: the step, not the command text."""
     op = progress.current_operation()
-    match = _STEP.search(label)
-    if match is None:
+    step = imager_step(label)
+    if not step:
         return label[:40]
-    step = _STEPS.get(match.group(1), match.group(1))
-    if match.group(1) == "executemajorcycle" and op is not None:
+    if step == MAJOR_CYCLE_STEP and op is not None:
         return f"major cycle {op.cycles}: gridding its data partition"
-    return step
+    return IMAGER_STEPS.get(step, step)
