@@ -55,7 +55,7 @@ MIN_CUBE_SERVERS = 3
 # client never grids), stay serial-equal. Ruled out (each tried, cube still 132
 # or still 0 as stated): the MS (fresh servers after it: 0), casacore's table
 # cache (empty on every server), the servers' `toolsi` (deleted: 132), a serial
-# mfs niter=50 tclean on rank 0 (0), LSRK conversions through `me` at other
+# mfs niter=50 tclean on rank 0 or on every server (0), LSRK conversions through `me` at other
 # epochs on every server (0), a continuum call with niter=0 (0). Cause not
 # found; we say so and how to avoid it.
 _gridded_continuum: frozenset[int] = frozenset()
