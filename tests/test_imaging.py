@@ -325,6 +325,23 @@ def test_deconvolve_on_a_cube_with_servers_equals_without(root, kernel):
     assert_returns_equal(serial, parallel, scale)
 
 
+def test_deconvolve_on_one_channel_stays_serial_in_the_kernel(root, kernel):
+    """One channel (an mfs image): task_deconvolve does not start its servers,
+    under mpicasa either; the kernel runs it itself, equal to serial."""
+    _serial(root, "d1_in", **COMMON, specmode="mfs", niter=0)
+    for prefix in ("s_d1", "p_d1"):
+        for ext in (".psf", ".residual", ".pb"):
+            shutil.copytree(root / f"d1_in{ext}", root / f"{prefix}{ext}")
+    params = dict(niter=40, deconvolver="hogbom", threshold="0mJy")
+    serial = _serial_task(root, "deconvolve", imagename="s_d1", **params)
+    parallel = _call_in_kernel(kernel, "deconvolve", imagename="p_d1", **params)
+    assert "cube client" not in LAST["reply"].stderr, LAST["reply"].stderr
+    assert_products_equal(root, "s_d1", "p_d1", required=(".image", ".residual", ".model"))
+    scale = float(np.abs(_pixels(str(root / "s_d1.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+    assert DIFFS["p_d1"][".image"] == 0.0  # the same serial code: bit-equal
+
+
 def test_sdintimaging_with_servers_equals_without(root, kernel):
     """sdintimaging (here its interferometer-only mode on a cube) goes to CASA's
     C++ channel parallelism whenever servers exist, as under mpicasa."""
