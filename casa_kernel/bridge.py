@@ -25,7 +25,8 @@ mpiexec turns every rank > 0 into a casampi server and never returns.
 
 Everything private we depend on is named in this module: the module names and
 their ``mpi_available`` flags, the names a task module reads casampi through,
-the command forms (``'<task>()'`` with parameters, ``'push'``, Python strings)
+the command forms (``'<task>()'`` with parameters, ``'push'``, Python strings,
+the continuum imager's ``toolsi.<step>(...)``)
 and response fields (``successful``, ``ret``, ``traceback``, ``parameters``,
 ``command``, ``server``), and the one-second poll in
 ``parallel_imager_helper.checkJobs``. The served classes (in the casampi_*
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import re
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -98,6 +100,19 @@ TASK_MODULE_NAMES = ("mpi_available", "MPIEnvironment", "MPIInterface", "synthes
 # What a task's command to its imager contains when it puts the servers in C++
 # MPI mode (``synthesisimager().initmpi()``) to serve a C++ client in their world.
 CPP_MPI_COMMAND = "initmpi"
+
+# parallel_imager_helper's commands to the servers' imagers are
+# ``toolsi.<step>(...)``; what the steps mean, for the progress display.
+IMAGER_STEPS = {
+    "selectdata": "selecting data",
+    "defineimage": "defining images",
+    "setweighting": "weighting",
+    "makepsf": "making the psf",
+    "makepb": "making the primary beam",
+    "executemajorcycle": "major cycle",
+}
+MAJOR_CYCLE_STEP = "executemajorcycle"
+_IMAGER_COMMAND = re.compile(r"\btoolsi\.(\w+)\(")
 
 _session: Any = None  # the kernel's ClusterSession
 
@@ -181,6 +196,12 @@ def value_of(response: dict[str, Any]) -> Any:
 
 
 # -- casatasks' private modules, used and patched ---------------------------------
+
+
+def imager_step(command: str) -> str:
+    """The imager step a continuum command runs ('makepsf'...; '' for another command)."""
+    match = _IMAGER_COMMAND.search(command)
+    return match.group(1) if match else ""
 
 
 def parallel_task_helper() -> Any:

@@ -16,19 +16,23 @@ import shutil
 import sys
 from typing import Any
 
+from casa_kernel import progress
 from casa_kernel.bridge import (
     CPP_MPI_COMMAND,
     CPP_PARALLEL_TASKS,
-    CUBE_SPECMODES,
+    IMAGER_STEPS,
+    MAJOR_CYCLE_STEP,
     PUSH,
     _active,
     _cluster,
     _server_ranks,
     answer_polls_at_once,
+    imager_step,
     raise_failures,
     value_of,
     values_by_server,
 )
+from casa_kernel.casa.tasks import forget_failures
 from casa_kernel.casampi_cube import (
     labels,
     products,
@@ -45,11 +49,15 @@ from casa_kernel.errors import ClusterError
 # bench/imaging.py); with 2 workers it was bit-equal, like mpicasa's. Below
 # this many servers, cubes run serially in the kernel.
 MIN_CUBE_SERVERS = 3
-# Server pids that gridded a parallel continuum call. Measured (bench MS): a cube
-# whose client (rank 0) gridded continuum before in the same process puts data
-# in an LSRK edge channel that serial leaves blank (sumwt 132 vs 0); fresh
-# servers, and mpicasa (whose cube client never grids), stay serial-equal.
-# Cause not found; we say so and how to avoid it.
+# Server pids that ran a parallel continuum call with niter > 0. Measured (bench
+# MS, 3 servers): a later cube on them puts data in an LSRK edge channel that
+# serial leaves blank (sumwt 132 vs 0); fresh servers, and mpicasa (whose cube
+# client never grids), stay serial-equal. Ruled out (each tried, cube still 132
+# or still 0 as stated): the MS (fresh servers after it: 0), casacore's table
+# cache (empty on every server), the servers' `toolsi` (deleted: 132), a serial
+# mfs niter=50 tclean on rank 0 or on every server (0), LSRK conversions through `me` at other
+# epochs on every server (0), a continuum call with niter=0 (0). Cause not
+# found; we say so and how to avoid it.
 _gridded_continuum: frozenset[int] = frozenset()
 
 
@@ -75,6 +83,7 @@ class _InterfaceCore:
         return sorted({info.host for info in _cluster().servers.values()})
 
     def pgc(self, commands: Any, block: bool = True) -> Any:
+        _note_stage(str(commands))
         if isinstance(commands, dict):
             ids = [
                 self.client.push_command_request(cmd, False, server)[0]
@@ -92,6 +101,8 @@ class _InterfaceCore:
         return self.client.push_command_request(commands, block, _server_ranks())
 
     def odo(self, job: str, nodes: Any) -> list[int]:
+        if nodes in (None, _first_server()):  # one step is sent to each server in turn
+            _note_stage(job)
         return self.client.push_command_request(job, False, nodes)
 
     def execute(self, job: str, nodes: Any) -> list[dict[str, Any]]:
@@ -205,7 +216,6 @@ def route_imaging(name: str) -> Any:
     """The route (casa/tasks.py) of the notebook's imaging task ``name``."""
 
     def route(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        global _gridded_continuum
         params = _bound(task, args, kwargs)
         if not _active():
             if name == "tclean" and params.get("parallel"):
@@ -234,13 +244,7 @@ def route_imaging(name: str) -> Any:
                 with _serially():
                     return task(**params)
             if name == "tclean" and params.get("parallel"):
-                answer_polls_at_once()
-                share_cores()
-                _gridded_continuum = server_pids()
-                say(
-                    f"{name}: gridding on {labels(range(_cluster().config.nservers))}; "
-                    "minor cycle in the kernel"
-                )
+                return _continuum(task, params)
             return task(**params)
 
     return route
@@ -249,7 +253,149 @@ def route_imaging(name: str) -> Any:
 def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
     """Would casatasks, under mpicasa, hand this call to its C++ MPI servers?"""
     if name == "tclean":
-        return params.get("specmode", "mfs") in CUBE_SPECMODES
-    # deconvolve (a cube image) and sdintimaging decide inside the task; they run
-    # on rank 0 too, and release the other servers themselves or through us.
+        # task_tclean's own test: every specmode but 'mfs' (cube, cubedata,
+        # cubesource, and 'mvc', mtmfs via a cube) goes C++-parallel
+        return params.get("specmode", "mfs") != "mfs"
+    if name == "deconvolve":
+        # task_deconvolve's own test: not mtmfs, and a psf of more than one channel
+        # (else it stays serial under mpicasa too, and here in the kernel)
+        if params.get("deconvolver", "hogbom") == "mtmfs":
+            return False
+        return _channels(f"{params.get('imagename')}.psf") > 1
+    # sdintimaging puts its servers in C++ MPI mode whenever there are servers
     return name in CPP_PARALLEL_TASKS
+
+
+def _channels(path: str) -> int:
+    """Channels of the image at ``path`` (0 when there is none: the task says why)."""
+    if not os.path.isdir(path):
+        return 0
+    from casatools import image
+
+    ia = image()
+    try:
+        ia.open(path)
+        return int(ia.shape()[3])
+    except Exception:
+        return 0
+    finally:
+        ia.done()
+
+
+# How many times one parallel continuum call is run again after its servers died.
+CONTINUUM_RERUNS = 2
+
+
+def _continuum(task: Any, params: dict[str, Any]) -> Any:
+    """tclean(parallel=True): CASA's parallel continuum imager, the servers gridding.
+
+    A server that dies ends the MPI world, and with it every server's imager
+    (``toolsi``: its data selection, partial grids, weights), which lives only
+    in the servers' namespaces; the dispatcher's new servers have none, so no
+    single command can be run again. The whole call is: CASA's products that
+    this call made are removed and tclean starts over on the new servers, as
+    if the first attempt had not happened (products that existed before the
+    call, a restart's, are kept). Any attempt whose servers changed under it
+    is run again, even one that returned: its grids may come from two worlds.
+    """
+    title = f"tclean on {imagename!r}" if (imagename := params.get("imagename")) else "tclean"
+    with progress.operation(_cluster(), f"{title} (parallel continuum)", _work) as op:
+        value = _continuum_attempts(task, params)
+        op.stage = f"{op.cycles} major cycle{'s' if op.cycles != 1 else ''}"
+        return value
+
+
+def _continuum_attempts(task: Any, params: dict[str, Any]) -> Any:
+    global _gridded_continuum
+    answer_polls_at_once()
+    imagename = params.get("imagename")
+    keep = products(imagename) if isinstance(imagename, str) and imagename else set()
+    for attempt in range(CONTINUUM_RERUNS + 1):
+        op = progress.current_operation()
+        if op is not None:
+            op.cycles = 0
+        share_cores()
+        before = server_pids()
+        if (params.get("niter") or 0) > 0:  # measured: niter=0 leaves later cubes serial-equal
+            _gridded_continuum = before
+        say(
+            f"tclean: gridding on {labels(range(_cluster().config.nservers))}; "
+            "minor cycle in the kernel"
+        )
+        try:
+            value = task(**params)
+        except Exception:
+            if _servers_alive(before) or attempt == CONTINUUM_RERUNS:
+                raise
+        else:
+            if _servers_alive(before):
+                return value
+            if attempt == CONTINUUM_RERUNS:
+                raise ClusterError(
+                    f"tclean(parallel=True) lost its servers {CONTINUUM_RERUNS + 1} times: "
+                    f"{_cluster().last_cause or 'a server died'}"
+                )
+        cause = _cluster().last_cause or "a server died"
+        if isinstance(imagename, str) and imagename:
+            for path in sorted(products(imagename) - keep):
+                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        forget_failures()
+        _reset_iteration_control()
+        say(f"{cause}: the servers' imagers were lost; re-ran tclean from the start")
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _servers_alive(pids: frozenset[int]) -> bool:
+    """Are these the servers still, all of them alive (none replaced, none dead)?"""
+    from casa_kernel.progress import wait_ready
+
+    wait_ready(_cluster())  # replaces servers found dead (a kill between two commands)
+    return server_pids() == pids
+
+
+def _reset_iteration_control() -> None:
+    """Zero CASA's iteration counters left by the lost attempt.
+
+    casatools' iterbotsink shares one state per process; a tclean that raises
+    skips the step that zeroes it, so the next call's ``interactiveiterdone``
+    would include the lost attempt's iterations (serial CASA does the same
+    after a failed call: measured 411 instead of 400).
+    """
+    from casatools import iterbotsink
+
+    bot = iterbotsink()
+    try:
+        bot.resetminorcycleinfo()
+    finally:
+        bot.done()
+
+
+def _first_server() -> int | None:
+    ranks = _server_ranks()
+    return ranks[0] if ranks else None
+
+
+def _note_stage(command: str) -> None:
+    """A command to the servers' imagers starts a step: show it (major cycle N)."""
+    op = progress.current_operation()
+    step = imager_step(command)
+    if op is None or step not in IMAGER_STEPS:
+        return
+    if step == MAJOR_CYCLE_STEP:
+        op.cycles += 1
+        op.set_stage(f"major cycle {op.cycles}")
+    else:
+        op.set_stage(IMAGER_STEPS[step])
+
+
+def _work(label: str) -> str:
+    """A server's current job in the display: the step, not the command text."""
+    op = progress.current_operation()
+    step = imager_step(label)
+    if not step:
+        return label[:40]
+    if step == MAJOR_CYCLE_STEP and op is not None:
+        return f"major cycle {op.cycles}: gridding its data partition"
+    return IMAGER_STEPS.get(step, step)

@@ -10,9 +10,10 @@ when the result arrives. :class:`Tracker` turns those into per-server rows
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from casa_kernel.display import Progress, ServerRow, StartProgress
@@ -35,6 +36,67 @@ def short_label(label: str) -> str:
     return label
 
 
+class Operation:
+    """ONE display for a call made of many dispatches (a parallel continuum
+    tclean: a command batch per step and major cycle). Every Tracker opened
+    while it is current updates this display instead of making its own; the
+    caller names the stage (``major cycle 3``) and how a job reads in it."""
+
+    def __init__(
+        self,
+        cluster: Any,
+        title: str,
+        describe: Callable[[str], str] | None = None,
+        show_after: float = 0.0,
+    ):
+        self.cluster = cluster
+        self.view = Progress(title, 1, "call", show_after)
+        self.t0 = time.monotonic()
+        self.stage = ""  # what the call is at, from the client side
+        self.cycles = 0  # major cycles begun (imaging)
+        self.describe = describe or (lambda label: label)
+        self.busy: dict[int, float] = {}  # engine id -> seconds, over every dispatch
+        self.jobs: dict[int, int] = {}
+        self.rows: list[ServerRow] = []
+
+    def set_stage(self, stage: str) -> None:
+        changed, self.stage = stage != self.stage, stage
+        # a new stage is shown at once (a few per major cycle, seconds apart)
+        self.view.update(self.rows, 0, time.monotonic() - self.t0, stage, force=changed)
+
+    def finish(self, ok: bool, message: str) -> None:
+        for row in self.rows:
+            if row.state in ("idle", "busy"):
+                row.state, row.work, row.elapsed = "done", "", None
+        self.view.finish(self.rows, int(ok), time.monotonic() - self.t0, message)
+
+
+_operation: Operation | None = None
+
+
+@contextlib.contextmanager
+def operation(
+    cluster: Any, title: str, describe: Callable[[str], str] | None = None
+) -> Iterator[Operation]:
+    """While open, every dispatch's progress goes to one display (see Operation)."""
+    global _operation
+    op = _operation = Operation(cluster, title, describe)
+    ended = "stopped"
+    try:
+        yield op
+        ended = ""
+    except Exception:
+        ended = "failed"
+        raise
+    finally:
+        _operation = None
+        op.finish(not ended, ", ".join(w for w in (ended, op.stage) if w))
+
+
+def current_operation() -> Operation | None:
+    return _operation
+
+
 class Tracker:
     """Follow the jobs of one operation and keep its display up to date."""
 
@@ -47,12 +109,19 @@ class Tracker:
         show_after: float = 0.0,
     ):
         self.cluster = cluster
-        self.labels = [short_label(label) for label in labels]
-        self.view = Progress(title, len(labels), unit, show_after)
-        self.t0 = time.monotonic()
+        self.op = _operation  # part of a larger call: its one display
+        if self.op is not None:
+            self.labels = [self.op.describe(label) for label in labels]
+            self.view = self.op.view
+            self.t0 = self.op.t0
+        else:
+            self.labels = [short_label(label) for label in labels]
+            self.view = Progress(title, len(labels), unit, show_after)
+            self.t0 = time.monotonic()
         self._seen: dict[int, tuple[int, float]] = {}  # job -> (engine id, first seen)
-        self._busy: dict[int, float] = {}  # engine id -> seconds of finished jobs
-        self._jobs: dict[int, int] = {}  # engine id -> finished jobs
+        # engine id -> seconds of finished jobs, finished jobs (an operation's: all of it)
+        self._busy: dict[int, float] = self.op.busy if self.op else {}
+        self._jobs: dict[int, int] = self.op.jobs if self.op else {}
         self._finished: set[int] = set()
         self._current = _current.setdefault(id(cluster), {})
 
@@ -71,11 +140,23 @@ class Tracker:
             if handle.ready():
                 self._finish_job(i, eid, md, now)
         if self.view.due(now - self.t0):  # rows only when they will be shown
-            self.view.update(self._rows(now), len(self._finished), now - self.t0)
+            if self.op is not None:
+                self.view.update(self._rows(now), 0, now - self.t0, self.op.stage)
+            else:
+                self.view.update(self._rows(now), len(self._finished), now - self.t0)
 
     def finish(self, handles: Sequence[Any], message: str = "") -> None:
         """Final state and the summary line (wall time, each server's busy share)."""
         now = time.monotonic()
+        if self.op is not None:  # the operation sums up, at its end
+            for i, handle in enumerate(handles):
+                eid = handle.metadata.get("engine_id")
+                if i not in self._finished and eid is not None and handle.ready():
+                    self._seen.setdefault(i, (eid, now))
+                    self._finish_job(i, eid, handle.metadata, now)
+            self._rows(now)
+            self._current.clear()
+            return
         if not self.view.shown and now - self.t0 < self.view.show_after:
             self._current.clear()
             return  # quick work: never shown, nothing to sum up
@@ -121,6 +202,8 @@ class Tracker:
                 row.state, row.work, row.elapsed = "busy", work, now - since
                 row.busy += now - since
             rows.append(row)
+        if self.op is not None:
+            self.op.rows = rows
         return rows
 
 

@@ -59,10 +59,14 @@ def _serial(root: Path, imagename: str, **params) -> dict:
 
 
 def _in_kernel(kc, imagename: str, **params) -> dict:
+    return _call_in_kernel(kc, "tclean", vis="obs.ms", imagename=imagename, **params)
+
+
+def _call_in_kernel(kc, task: str, **params) -> dict:
     args = ", ".join(f"{k}={v!r}" for k, v in params.items())
     reply = execute(
         kc,
-        f"_r = tclean(vis='obs.ms', imagename={imagename!r}, {args})\n"
+        f"_r = {task}({args})\n"
         "import pickle, base64\n"
         "print('RET', base64.b64encode(pickle.dumps(_r)).decode())",
         timeout=300,
@@ -87,29 +91,45 @@ def _pixels(path: str) -> np.ndarray:
         ia.close()
 
 
+def _kind(ext: str) -> str:
+    """A product's kind: '.image.tt1' (mtmfs Taylor term) -> '.image'."""
+    return re.sub(r"\.tt\d+$", "", ext)
+
+
 def assert_products_equal(
-    root: Path, serial: str, parallel: str, mask_pixels_may_differ: float = 0.0
+    root: Path,
+    serial: str,
+    parallel: str,
+    mask_pixels_may_differ: float = 0.0,
+    required: tuple[str, ...] = (".image", ".residual", ".psf", ".pb", ".sumwt"),
 ) -> None:
     names = {os.path.basename(p)[len(serial) :] for p in glob.glob(str(root / serial) + ".*")}
-    assert {".image", ".residual", ".psf", ".pb", ".sumwt"} <= names, names
+    assert set(required) <= names, names
     theirs = {os.path.basename(p)[len(parallel) :] for p in glob.glob(str(root / parallel) + ".*")}
     # CASA's parallel imager keeps the summed weight grid for restarts (briggs,
     # uniform): <name>.gridwt_temp, as under mpicasa; serial has no such file
     assert theirs - {".gridwt_temp"} == names
-    image_peak = float(np.abs(_pixels(str(root / (serial + ".image")))).max())
+    # required[0]: the restored image, whose peak is "the serial peak"
+    image_peak = float(np.abs(_pixels(str(root / (serial + required[0])))).max())
     bad: list[str] = []
-    for ext in sorted(names & set(PRODUCTS)):
+    compared = {
+        ext
+        for ext in names
+        if any(_kind(ext).endswith(p) for p in PRODUCTS) or ext.startswith(".alpha")
+    }
+    for ext in sorted(compared):
         a, b = _pixels(str(root / (serial + ext))), _pixels(str(root / (parallel + ext)))
         assert a.shape == b.shape, ext
         # "the serial peak": the restored image's for the sky-brightness products
         # (a cleaned residual's own peak is near the noise), else the product's own
         own = float(np.abs(a).max())
-        peak = max(image_peak if ext in (".residual", ".model") else own, 1e-12)
+        sky = _kind(ext).endswith((".residual", ".model"))
+        peak = max(image_peak if sky else own, 1e-12)
         worst = float(np.abs(a.astype(float) - b.astype(float)).max())
         DIFFS.setdefault(parallel, {})[ext] = worst / peak
         n = int((np.abs(a.astype(float) - b.astype(float)) > 1e-3 * peak).sum())
         print(f"{parallel}{ext}: max |diff| / peak = {worst / peak:.2e} ({n} pixels over)")
-        if ext == ".mask" and n <= mask_pixels_may_differ * a.size:
+        if _kind(ext).endswith(".mask") and n <= mask_pixels_may_differ * a.size:
             continue
         if worst > 1e-3 * peak:
             bad.append(f"{ext}: max |diff| {worst:g} > 1e-3 x peak {peak:g} at {n} pixels")
@@ -152,10 +172,47 @@ def test_mfs_parallel_hogbom_natural_equals_serial(root, kernel):
     )
     assert serial["iterdone"] > 0
     assert re.search(r"gridding on rank 0@\S+, rank 1@\S+, rank 2@\S+", LAST["reply"].stderr)
+    # ONE live display for the whole call: the major cycle (client side) and
+    # which server grids what, then a summary
+    messages = LAST["reply"].display_messages()
+    assert messages and messages[0][0] == "display_data", messages
+    display_id = messages[0][1]["transient"]["display_id"]
+    assert all(c["transient"]["display_id"] == display_id for _, c in messages)
+    assert [k for k, _ in messages[1:]] == ["update_display_data"] * (len(messages) - 1)
+    states = [c["data"] for _, c in messages]
+    shown = [s["text/plain"] for s in states]
+    for stage in ("making the psf", "major cycle 1", "major cycle 2"):
+        assert any(f"({stage})" in text for text in shown), (stage, shown)
+    final = states[-1]["text/plain"]
+    assert re.fullmatch(
+        r"casa-kernel: tclean on 'p_mfs' \(parallel continuum\): 1/1 call in [\d.]+ s; "
+        r"busy: rank 0@\S+ \d+%, rank 1@\S+ \d+%, rank 2@\S+ \d+%; \d+ major cycles",
+        final,
+    ), final
     # CASA's parallel imager removed its servers' work folder (the partial images)
     listing = execute(kernel, "import os; print(sorted(os.listdir('.')))").stdout
     assert "p_mfs.image" in listing
     assert "p_mfs.workdirectory" not in listing
+
+
+def test_continuum_progress_names_each_servers_step():
+    """What a server's job reads as in the live table (pure: no servers needed)."""
+    from casa_kernel import casampi_imaging, progress
+
+    class Cluster:
+        servers: dict = {}
+        client = None
+
+    with progress.operation(Cluster(), "tclean") as op:
+        casampi_imaging._note_stage("toolsi.makepsf()")
+        assert op.stage == "making the psf"
+        casampi_imaging._note_stage("toolsi.executemajorcycle(controls={'lastcycle':False})")
+        casampi_imaging._note_stage("casalog.post('node 1 has completed its job')")
+        assert op.stage == "major cycle 1"
+        work = casampi_imaging._work("toolsi.executemajorcycle(controls={'lastcycle':True})")
+        assert work == "major cycle 1: gridding its data partition"
+        assert casampi_imaging._work("toolsi.makepb()") == "making the primary beam"
+    assert progress.current_operation() is None
 
 
 def test_mfs_parallel_multiscale_briggs_user_mask_equals_serial(root, kernel):
@@ -183,6 +240,122 @@ def test_mfs_parallel_restart_without_psf_equals_serial(root, kernel):
     _case(root, kernel, "rs", **again)
 
 
+MTMFS_PRODUCTS = (
+    ".image.tt0",
+    ".image.tt1",
+    ".residual.tt0",
+    ".residual.tt1",
+    ".model.tt0",
+    ".model.tt1",
+    ".psf.tt0",
+    ".psf.tt1",
+    ".psf.tt2",
+    ".pb.tt0",
+    ".sumwt.tt0",
+    ".sumwt.tt1",
+    ".alpha",
+    ".alpha.error",
+)
+# CASA's own parallel mtmfs (mpicasa: casampi, mpiexec -n 3, the same call) differs
+# from serial by 1.75e-3 of the tt0 peak in .image.tt1 and 1.72e-3 in .model.tt1
+# (partial grids summed in another order, amplified by the Taylor-term solve);
+# casa-kernel's equals mpicasa's to 1.4e-6. tt1 is held to that, tt0 to 1e-3.
+TT1_TOLERANCE = 2.5e-3
+
+
+def test_mtmfs_parallel_equals_serial_in_every_taylor_term(root, kernel):
+    params = dict(specmode="mfs", deconvolver="mtmfs", nterms=2, niter=60, parallel=True)
+    serial = _serial(root, "s_mt", **COMMON, **params)
+    parallel = _in_kernel(kernel, "p_mt", **COMMON, **params)
+    assert "gridding on rank 0@" in LAST["reply"].stderr
+    names = {os.path.basename(p)[len("s_mt") :] for p in glob.glob(str(root / "s_mt.*"))}
+    theirs = {os.path.basename(p)[len("p_mt") :] for p in glob.glob(str(root / "p_mt.*"))}
+    assert set(MTMFS_PRODUCTS) <= names and theirs == names, (names, theirs)
+    tt0 = _pixels(str(root / "s_mt.image.tt0")).astype(float)
+    peak = float(np.abs(tt0).max())
+    sumwt = float(np.abs(_pixels(str(root / "s_mt.sumwt.tt0"))).max())
+    # the spectral index means something where the source is: tt0 above 10 % of peak
+    source = np.abs(tt0) > 0.1 * peak
+    bad = []
+    for ext in MTMFS_PRODUCTS:
+        a = _pixels(str(root / f"s_mt{ext}")).astype(float)
+        b = _pixels(str(root / f"p_mt{ext}")).astype(float)
+        kind = _kind(ext)
+        if ext.startswith(".alpha"):  # dimensionless: 1e-2 in the index
+            worst, limit = float(np.abs(a - b)[source].max()), 1e-2
+        elif kind in (".image", ".residual", ".model"):
+            worst = float(np.abs(a - b).max())
+            limit = (1e-3 if ext.endswith("tt0") else TT1_TOLERANCE) * peak
+        elif kind == ".sumwt":  # tt1's sum cancels to ~0: against tt0's weight
+            worst, limit = float(np.abs(a - b).max()), 1e-3 * sumwt
+        else:  # psf, pb: their own peak
+            worst, limit = float(np.abs(a - b).max()), 1e-3 * float(np.abs(a).max())
+        print(f"p_mt{ext}: max |diff| {worst:.3g}, limit {limit:.3g}")
+        if worst > limit:
+            bad.append(f"{ext}: max |diff| {worst:g} > {limit:g}")
+    assert not bad, bad
+    assert_returns_equal(serial, parallel, peak)
+    assert serial["iterdone"] > 0
+
+
+def _serial_task(root: Path, task: str, **params) -> dict:
+    import casatasks
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return getattr(casatasks, task)(**params)
+    finally:
+        os.chdir(cwd)
+
+
+def test_deconvolve_on_a_cube_with_servers_equals_without(root, kernel):
+    """CASA parallelises deconvolve on a cube (not mtmfs, not one channel) with
+    its C++ channel parallelism; with servers up it must equal the serial call."""
+    _serial(root, "dc_in", **COMMON, specmode="cube", spw="0", niter=0)
+    for prefix in ("s_dc", "p_dc"):
+        for ext in (".psf", ".residual", ".pb"):
+            shutil.copytree(root / f"dc_in{ext}", root / f"{prefix}{ext}")
+    params = dict(niter=60, deconvolver="hogbom", threshold="0mJy")
+    serial = _serial_task(root, "deconvolve", imagename="s_dc", **params)
+    parallel = _call_in_kernel(kernel, "deconvolve", imagename="p_dc", **params)
+    assert "cube client on rank 0@" in LAST["reply"].stderr
+    assert_products_equal(root, "s_dc", "p_dc", required=(".image", ".residual", ".model"))
+    scale = float(np.abs(_pixels(str(root / "s_dc.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+
+
+def test_deconvolve_on_one_channel_stays_serial_in_the_kernel(root, kernel):
+    """One channel (an mfs image): task_deconvolve does not start its servers,
+    under mpicasa either; the kernel runs it itself, equal to serial."""
+    _serial(root, "d1_in", **COMMON, specmode="mfs", niter=0)
+    for prefix in ("s_d1", "p_d1"):
+        for ext in (".psf", ".residual", ".pb"):
+            shutil.copytree(root / f"d1_in{ext}", root / f"{prefix}{ext}")
+    params = dict(niter=40, deconvolver="hogbom", threshold="0mJy")
+    serial = _serial_task(root, "deconvolve", imagename="s_d1", **params)
+    parallel = _call_in_kernel(kernel, "deconvolve", imagename="p_d1", **params)
+    assert "cube client" not in LAST["reply"].stderr, LAST["reply"].stderr
+    assert_products_equal(root, "s_d1", "p_d1", required=(".image", ".residual", ".model"))
+    scale = float(np.abs(_pixels(str(root / "s_d1.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+    assert DIFFS["p_d1"][".image"] == 0.0  # the same serial code: bit-equal
+
+
+def test_sdintimaging_with_servers_equals_without(root, kernel):
+    """sdintimaging (here its interferometer-only mode on a cube) goes to CASA's
+    C++ channel parallelism whenever servers exist, as under mpicasa."""
+    params = dict(COMMON, usedata="int", specmode="cube", spw="0", niter=30, deconvolver="hogbom")
+    serial = _serial_task(root, "sdintimaging", vis="obs.ms", imagename="s_sdi", **params)
+    parallel = _call_in_kernel(kernel, "sdintimaging", vis="obs.ms", imagename="p_sdi", **params)
+    assert "cube client on rank 0@" in LAST["reply"].stderr
+    images = sorted(os.path.basename(p)[len("s_sdi") :] for p in glob.glob(str(root / "s_sdi.*")))
+    main = next(ext for ext in images if ext.endswith(".image"))
+    assert_products_equal(root, "s_sdi", "p_sdi", required=(main,))
+    scale = float(np.abs(_pixels(str(root / f"s_sdi{main}"))).max())
+    assert_returns_equal(serial, parallel, scale)
+
+
 def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_dir):
     serial, _ = _case(root, kernel, "cube", specmode="cube", spw="0", niter=60, weighting="natural")
     assert serial["iterdone"] > 0
@@ -192,6 +365,17 @@ def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_di
     # rank 1 served CASA's C++ cube client (initmpi renames its log origin)
     logs = "".join(p.read_text(errors="replace") for p in casa_log_dir.glob("*rank1*.log"))
     assert "MPIServer-1" in logs
+
+
+def test_mtmfs_via_cube_goes_cpp_parallel_equal_to_serial(root, kernel):
+    """specmode='mvc' is a cube to task_tclean (C++ parallel under mpicasa too)."""
+    params = dict(specmode="mvc", deconvolver="mtmfs", nterms=2, niter=30, spw="0")
+    serial = _serial(root, "s_mvc", **COMMON, **params)
+    parallel = _in_kernel(kernel, "p_mvc", **COMMON, **params)
+    assert "cube client on rank 0@" in LAST["reply"].stderr
+    assert_products_equal(root, "s_mvc", "p_mvc", required=(".image.tt0", ".image.tt1"))
+    scale = float(np.abs(_pixels(str(root / "s_mvc.image.tt0"))).max())
+    assert_returns_equal(serial, parallel, scale)
 
 
 def test_cube_auto_multithresh_briggs_equals_serial(root, kernel):
@@ -257,6 +441,32 @@ def test_killed_server_during_cube_costs_no_result(root, kernel):
     assert_products_equal(root, "s_kill", "p_kill")
     scale = float(np.abs(_pixels(str(root / "s_kill.image"))).max())
     assert_returns_equal(serial, parallel, scale)
+
+
+def test_killed_server_during_continuum_costs_no_result(root, kernel):
+    """The servers' imagers die with the MPI world: the whole call is re-run."""
+    import ast
+    import signal
+
+    params = dict(
+        specmode="mfs", niter=400, cycleniter=20, imsize=128, cell="8arcsec", parallel=True
+    )
+    serial = _serial(root, "s_ckill", **dict(COMMON, **params))
+    # warm: CASA imported on every server, so the kill lands in the call itself
+    _in_kernel(kernel, "warm_ckill", **dict(COMMON, specmode="mfs", niter=0, imsize=32))
+    pids = execute(kernel, "%%casa_parallel\nimport os\nos.getpid()")
+    victim = ast.literal_eval(pids.result)[1]
+    killer = threading.Timer(1.5, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    parallel = _in_kernel(kernel, "p_ckill", **dict(COMMON, **params))
+    killer.join()
+    stderr = LAST["reply"].stderr
+    assert "re-ran tclean from the start" in stderr, stderr[-3000:]
+    assert_products_equal(root, "s_ckill", "p_ckill")
+    scale = float(np.abs(_pixels(str(root / "s_ckill.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+    after = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
+    assert victim not in after
 
 
 LONG_CUBE = dict(

@@ -48,6 +48,14 @@ def record_failure(failure: ServerFailure) -> None:
         failures.append(failure)
 
 
+def forget_failures() -> None:
+    """The current call starts over (after its servers died): what failed in the
+    lost attempt is not this call's failure."""
+    failures = getattr(_local, "failures", None)
+    if failures is not None:
+        failures.clear()
+
+
 def _casatasks() -> Any:
     global _quietened
     # numpy first, and fully: casatools' C++ static initialisers (casacore's numpy
