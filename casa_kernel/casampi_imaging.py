@@ -57,7 +57,7 @@ MIN_CUBE_SERVERS = 3
 # cache (empty on every server), the servers' `toolsi` (deleted: 132), a serial
 # mfs niter=50 tclean on rank 0 or on every server (0), LSRK conversions through `me` at other
 # epochs on every server (0), a continuum call with niter=0 (0). Cause not
-# found; we say so and how to avoid it.
+# found; a cube on such servers gets fresh ones first (_fresh_servers_for_cube).
 _gridded_continuum: frozenset[int] = frozenset()
 
 
@@ -231,11 +231,7 @@ def route_imaging(name: str) -> Any:
                 nservers = _cluster().config.nservers
                 if nservers >= MIN_CUBE_SERVERS:
                     if server_pids() & _gridded_continuum:
-                        say(
-                            "note: these servers gridded a parallel continuum image; CASA's "
-                            "cube may then differ from serial in an edge channel. For "
-                            "serial-equal cubes run %casa_cluster restart first"
-                        )
+                        _fresh_servers_for_cube(name)
                     return run_cpp_parallel(name, params)
                 say(
                     f"{name}: runs serially in the kernel: CASA's C++ cube parallelism needs "
@@ -248,6 +244,24 @@ def route_imaging(name: str) -> Any:
             return task(**params)
 
     return route
+
+
+def _fresh_servers_for_cube(name: str) -> None:
+    """Replace servers that gridded a parallel continuum image before a cube.
+
+    On them CASA's cube puts data in an LSRK edge channel serial leaves blank
+    (see ``_gridded_continuum``); on fresh servers it is serial's, bit for bit.
+    A few seconds of start-up against a wrong cube: correctness first.
+    """
+    global _gridded_continuum
+    cluster = _cluster()
+    say(
+        f"{name}: starting fresh servers first: these gridded a parallel continuum "
+        "image, after which CASA's cube differs from serial in an edge channel"
+    )
+    cluster.replace("fresh servers for a cube after a parallel continuum image")
+    cluster.wait_ready(cluster.config.start_timeout)
+    _gridded_continuum = frozenset()
 
 
 def _goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
