@@ -23,7 +23,16 @@ from traitlets import Bool, List, Unicode
 # 500 ms brings a 4-engine start to ~2.5 s. Twenty misses (10 s) before an
 # engine is declared dead keeps oversubscribed or busy engines from being
 # dropped while still noticing a stopped (SIGSTOP) server.
-CONTROLLER_ARGS = ["--HeartMonitor.period=500", "--HeartMonitor.max_heartmonitor_misses=20"]
+# No task database in the controller (NoDB): its default DictDB keeps every
+# request and reply (culled past 1,024 by sorting them all) for hub queries
+# (get_result of another client, resubmit) that casa-kernel never makes; without
+# it the controller holds nothing per task in a long session and uses ~8 % less
+# CPU per cell (stress/long_session.py, README "Long sessions").
+CONTROLLER_ARGS = [
+    "--HeartMonitor.period=500",
+    "--HeartMonitor.max_heartmonitor_misses=20",
+    "--IPController.db_class=ipyparallel.controller.dictdb.NoDB",
+]
 
 # Variables every server needs even on another host (mpiexec only forwards the
 # local environment to local ranks; -x forwards to all). Only those that are
