@@ -6,6 +6,7 @@ servers (where they run serially on one sub-MS).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -91,6 +92,10 @@ def preload() -> None:
     # the modules casatasks' parallel layer is made of (they read the bridge)
     importlib.import_module(TASK_HELPER)
     importlib.import_module(DATA_HELPER)
+    # CASA leaves ~150,000 objects the garbage collector would scan in every
+    # full collection (~60 ms each, measured); they live as long as the process.
+    # Frozen, they are never scanned again: no such pauses in a long session.
+    gc.freeze()
 
 
 def task_names() -> list[str]:
