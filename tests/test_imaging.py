@@ -360,11 +360,26 @@ def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_di
     serial, _ = _case(root, kernel, "cube", specmode="cube", spw="0", niter=60, weighting="natural")
     assert serial["iterdone"] > 0
     assert "cube client on rank 0@" in LAST["reply"].stderr
-    # these servers gridded the continuum tests' images: fresh ones image the cube
-    assert "starting fresh servers first" in LAST["reply"].stderr
     # rank 1 served CASA's C++ cube client (initmpi renames its log origin)
     logs = "".join(p.read_text(errors="replace") for p in casa_log_dir.glob("*rank1*.log"))
     assert "MPIServer-1" in logs
+
+
+def test_cube_after_parallel_continuum_gets_fresh_servers_and_equals_serial(root, kernel):
+    """After a parallel continuum clean, CASA's cube on the same servers put data
+    in an LSRK edge channel serial leaves blank (bench MS): such servers are
+    replaced before the cube."""
+    import ast
+
+    _in_kernel(kernel, "cc_mfs", **dict(COMMON, specmode="mfs", niter=20, parallel=True))
+    before = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
+    _case(root, kernel, "cc_cube", specmode="cube", spw="0", niter=60, weighting="natural")
+    assert "starting fresh servers first" in LAST["reply"].stderr
+    after = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
+    assert not set(before) & set(after), (before, after)
+    # a second cube on the fresh servers needs no new ones
+    _in_kernel(kernel, "cc_cube2", **dict(COMMON, specmode="cube", spw="0", niter=0))
+    assert "starting fresh servers first" not in LAST["reply"].stderr
 
 
 def test_mtmfs_via_cube_goes_cpp_parallel_equal_to_serial(root, kernel):

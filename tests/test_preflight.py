@@ -645,15 +645,29 @@ def test_check_of_one_host_only_costs_nothing() -> None:
 
 
 def test_an_interrupted_check_leaves_no_probe_behind(tmp_path: Path) -> None:
-    """Ctrl-C in the notebook while a host hangs: the probes' sessions are killed."""
+    """Ctrl-C in the notebook while a host hangs: the probes' sessions are killed.
+
+    The check runs in a process of its own that gets a real SIGINT, as the
+    kernel does (it interrupts the wait in its syscall); pytest's own process
+    is never signalled, whatever its signal handlers are.
+    """
     import signal
-    import threading
+    import time
 
     import psutil
 
     agent = tmp_path / "agent"
     agent.write_text("#!/bin/sh\nexec sleep 61.25\n")
     agent.chmod(0o755)
+    script = (
+        "from casa_kernel import preflight\n"
+        "try:\n"
+        f"    preflight.run_probes(['h1', 'h2'], preflight.Agent('agent', ({str(agent)!r},)),"
+        " 'true', 30.0)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('INTERRUPTED', flush=True)\n"
+    )
+    checker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
 
     def hanging() -> list[psutil.Process]:
         return [
@@ -662,14 +676,18 @@ def test_an_interrupted_check_leaves_no_probe_behind(tmp_path: Path) -> None:
             if (p.info["cmdline"] or [])[-2:] == ["sleep", "61.25"]
         ]
 
-    # a real SIGINT, as the kernel gets it: it interrupts the wait in its syscall
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            preflight.run_probes(["h1", "h2"], Agent("agent", (str(agent),)), "true", 30.0)
+        deadline = time.monotonic() + 30
+        while len(hanging()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(hanging()) == 2, "the two probes never started"
+        checker.send_signal(signal.SIGINT)
+        out, _ = checker.communicate(timeout=20)
     finally:
-        timer.cancel()
+        if checker.poll() is None:
+            checker.kill()
+            checker.wait()
+    assert out.strip() == "INTERRUPTED"
     assert hanging() == []
 
 
