@@ -11,21 +11,18 @@ capture proved nothing.
 from __future__ import annotations
 
 import ast
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels import cluster_processes, execute, kernel_env, running_kernel
-from test_multihost import require_tools
+from kernels import execute, kernel_env, running_kernel
+from test_multihost import run_in_namespaces
 
 from casa_kernel import encryption
 from casa_kernel.config import ClusterConfig
 from casa_kernel.errors import ClusterError
-from casa_kernel.janitor import reap
 
 DRIVER = Path(__file__).resolve().parent / "multihost" / "capture_driver.py"
 DRIVER_TIMEOUT = 100.0  # seconds; a run takes ~13 s
@@ -109,30 +106,11 @@ def test_encryption_asked_on_one_machine_works() -> None:
 
 
 def run_capture(workdir: Path, encrypt: str | None) -> dict[str, Any]:
-    """The capture driver in fresh namespaces; its JSON lines merged into one dict.
-    Nothing of the driven kernel is left behind, whatever happens."""
-    command = ["unshare", "--net", "--uts", "--mount", "--fork", sys.executable, str(DRIVER)]
-    command += ["--workdir", str(workdir)]
+    """The capture driver in fresh namespaces (nothing of its kernel left behind)."""
+    args = ["--workdir", str(workdir)]
     if encrypt is not None:
-        command += ["--encrypt", encrypt]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=DRIVER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n(driver killed after {DRIVER_TIMEOUT:.0f} s)"
-    report: dict[str, Any] = {}
-    for line in stdout.splitlines():
-        if line.startswith("{"):
-            report.update(json.loads(line))
-    pid = report.get("kernel_pid")
-    if pid is not None and (proc.returncode != 0 or "left" not in report):
-        reap({pid, *(p.pid for p in cluster_processes(pid))}, grace=2.0)
-    assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{stdout}\n{stderr}"
-    return report
+        args += ["--encrypt", encrypt]
+    return run_in_namespaces(DRIVER, args, DRIVER_TIMEOUT)
 
 
 @as_root
@@ -148,7 +126,6 @@ def run_capture(workdir: Path, encrypt: str | None) -> dict[str, Any]:
 def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
     tmp_path: Path, encrypt: str | None, words: str
 ) -> None:
-    require_tools()
     report = run_capture(tmp_path, encrypt)
     parallel = report["parallel"]
     assert parallel["status"] == "ok", parallel["error"]

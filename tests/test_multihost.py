@@ -56,40 +56,29 @@ def require_tools() -> None:
         )
 
 
-def run_driver(workdir: Path, nprocs: str | None) -> dict[str, Any]:
-    """Run the driver in fresh namespaces; its JSON lines merged into one dict.
+def run_in_namespaces(driver: Path, args: list[str], timeout: float) -> dict[str, Any]:
+    """Run a fake-host driver in fresh namespaces; its JSON lines merged into one dict.
 
     Whatever happens, no process of the driven kernel is left behind: on a
-    timeout or a crash the kernel and its cluster are killed here.
+    timeout or a crash the kernel and its cluster are killed here. (The
+    drivers of tests/test_encryption.py and tests/test_preflight_multihost.py
+    run through this too.)
     """
-    command = [
-        "unshare",
-        "--net",
-        "--uts",
-        "--mount",
-        "--fork",
-        sys.executable,
-        str(DRIVER),
-        "--workdir",
-        str(workdir),
-        "--hostfile-text",
-        HOSTFILE,
-    ]
-    if nprocs is not None:
-        command += ["--nprocs", nprocs]
+    require_tools()
+    command = ["unshare", "--net", "--uts", "--mount", "--fork", sys.executable, str(driver)]
     proc = subprocess.Popen(
-        command,
+        command + args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=DRIVER_TIMEOUT)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         stdout, stderr = proc.communicate()
-        stderr += f"\n(driver killed after {DRIVER_TIMEOUT:.0f} s)"
+        stderr += f"\n(driver killed after {timeout:.0f} s)"
     report: dict[str, Any] = {}
     for line in stdout.splitlines():
         if line.startswith("{"):
@@ -100,6 +89,14 @@ def run_driver(workdir: Path, nprocs: str | None) -> dict[str, Any]:
         reap({pid, *(p.pid for p in cluster_processes(pid))}, grace=2.0)
     assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{stdout}\n{stderr}"
     return report
+
+
+def run_driver(workdir: Path, nprocs: str | None) -> dict[str, Any]:
+    """The multi-host driver for this hostfile and N."""
+    args = ["--workdir", str(workdir), "--hostfile-text", HOSTFILE]
+    if nprocs is not None:
+        args += ["--nprocs", nprocs]
+    return run_in_namespaces(DRIVER, args, DRIVER_TIMEOUT)
 
 
 def status_rows(text: str) -> tuple[str, list[list[str]]]:
@@ -124,7 +121,6 @@ def test_servers_on_two_hosts_share_one_mpi_world(
     tmp_path: Path, nprocs: str | None, expected: list[tuple[int, str, int]]
 ) -> None:
     """Ranks land on the hostfile's hosts, in order, and talk MPI across them."""
-    require_tools()
     started = time.monotonic()
     report = run_driver(tmp_path, nprocs)
 

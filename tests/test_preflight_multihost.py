@@ -15,19 +15,16 @@ Needs root and skips without it; as root a missing tool is a failure (CI runs it
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels import cluster_processes, wait_gone
+from kernels import wait_gone
+from test_multihost import run_in_namespaces
 
-from casa_kernel.janitor import reap
 from casa_kernel.preflight import REQUIREMENTS
 
 DRIVER = Path(__file__).resolve().parent / "multihost" / "preflight_driver.py"
@@ -44,30 +41,9 @@ pytestmark = [
 
 
 def run_driver(workdir: Path) -> dict[str, Any]:
-    """The driver's JSON lines merged into one dict; nothing of its kernel left behind."""
-    missing = [t for t in ("unshare", "ip", "mount", "sh") if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not found: apt-get install -y iproute2 util-linux")
-    command = ["unshare", "--net", "--uts", "--mount", "--fork", sys.executable, str(DRIVER)]
-    command += ["--workdir", str(workdir), "--hostfile-text", HOSTFILE]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=DRIVER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n(driver killed after {DRIVER_TIMEOUT:.0f} s)"
-    report: dict[str, Any] = {}
-    for line in stdout.splitlines():
-        if line.startswith("{"):
-            report.update(json.loads(line))
-    pid = report.get("kernel_pid")
-    if pid is not None and (proc.returncode != 0 or "left" not in report):
-        reap({pid, *(p.pid for p in cluster_processes(pid))}, grace=2.0)
-    assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{stdout}\n{stderr}"
-    return report
+    """The preflight driver in fresh namespaces (nothing of its kernel left behind)."""
+    args = ["--workdir", str(workdir), "--hostfile-text", HOSTFILE]
+    return run_in_namespaces(DRIVER, args, DRIVER_TIMEOUT)
 
 
 def table(step: dict[str, Any]) -> tuple[str, dict[str, dict[str, str]], list[str]]:
