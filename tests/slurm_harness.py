@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
+import pytest
 
 HOLDER = Path(__file__).resolve().parent / "slurm" / "holder.py"
 NODES = ("antares", "orion")  # Slurm's order (by name)
@@ -140,3 +141,18 @@ def slurm(root: Path) -> Iterator[Slurm]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         assert not left, f"left running after Slurm stopped: {[p.cmdline() for p in left]}"
+
+
+@contextlib.contextmanager
+def slurm_for_test(root: Path) -> Iterator[Slurm]:
+    """:func:`slurm` for a test: a missing tool fails it (CI runs as root with
+    them installed: never a silent skip)."""
+    missing = missing_tools()
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found: apt-get install -y slurm-wlm munge "
+            "iproute2 util-linux"
+        )
+    with slurm(root) as running:
+        yield running
+    # (the context manager checked that no daemon and no job process is left)

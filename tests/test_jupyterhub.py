@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 import pytest
-from slurm_harness import Slurm, missing_tools, slurm
+from slurm_harness import Slurm, slurm_for_test
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "jupyterhub" / "jupyterhub_config.py"
@@ -91,15 +91,8 @@ def proxy_command() -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
-    missing = missing_tools()
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found: apt-get install -y slurm-wlm munge "
-            "iproute2 util-linux"
-        )
-    with slurm(tmp_path_factory.mktemp("slurm")) as running:
+    with slurm_for_test(tmp_path_factory.mktemp("slurm")) as running:
         yield running
-    # (the context manager checked that no daemon and no job process is left)
 
 
 def hub_config(folder: Path, cluster: Slurm, token: str, proxy: str, prefix: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_harness import Slurm, missing_tools, slurm
+from slurm_harness import Slurm, slurm_for_test
 
 DRIVER = Path(__file__).resolve().parent / "slurm" / "driver.py"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -38,15 +38,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
-    missing = missing_tools()
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found: apt-get install -y slurm-wlm munge "
-            "iproute2 util-linux"
-        )
-    with slurm(tmp_path_factory.mktemp("slurm")) as running:
+    with slurm_for_test(tmp_path_factory.mktemp("slurm")) as running:
         yield running
-    # (the context manager checked that no daemon and no job process is left)
 
 
 def job_env(cluster: Slurm, **extra: str) -> dict[str, str]:
