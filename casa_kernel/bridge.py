@@ -12,7 +12,7 @@ unchanged, and the servers run the pieces:
 - ``MPIInterface`` (casampi_imaging.py): tclean's continuum imager
   (``specmode='mfs'``, ``parallel=True``): string commands (``toolsi.makepsf()``...)
   run in the servers' namespace, every server gridding its share of the data.
-- Cubes (casampi_cube.py; tclean ``cube``/``cubedata``/``cubesource``;
+- Cubes (casampi_cube.py; tclean with every specmode but ``mfs``;
   deconvolve and sdintimaging where CASA parallelises them): CASA's C++ channel
   parallelism needs its client inside the servers' MPI world, which the kernel
   is not. So the call runs on server rank 0 as that client (casampi stand-in
@@ -87,8 +87,8 @@ MPI_IMPORTERS = (
     "casatasks.private.task_sdintimaging",
 )
 _IMAGER_HELPER = "casatasks.private.imagerhelpers.parallel_imager_helper"
-# Where CASA's C++ cube parallelism is switched on (cppparallel), and when.
-CUBE_SPECMODES = ("cube", "cubedata", "cubesource")
+# Where CASA's C++ cube parallelism is switched on (cppparallel); when is
+# casampi_imaging._goes_cpp_parallel (task_tclean's own test: specmode != 'mfs').
 CPP_PARALLEL_TASKS = {
     "tclean": "casatasks.private.task_tclean",
     "deconvolve": "casatasks.private.task_deconvolve",
