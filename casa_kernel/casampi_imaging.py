@@ -313,7 +313,7 @@ def _continuum(task: Any, params: dict[str, Any]) -> Any:
     is run again, even one that returned: its grids may come from two worlds.
     """
     title = f"tclean on {imagename!r}" if (imagename := params.get("imagename")) else "tclean"
-    with progress.operation(_cluster(), f"{title} (parallel continuum)", _work) as op:
+    with progress.operation(f"{title} (parallel continuum)", _work) as op:
         value = _continuum_attempts(task, params)
         op.stage = f"{op.cycles} major cycle{'s' if op.cycles != 1 else ''}"
         return value

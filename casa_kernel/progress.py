@@ -44,12 +44,10 @@ class Operation:
 
     def __init__(
         self,
-        cluster: Any,
         title: str,
         describe: Callable[[str], str] | None = None,
         show_after: float = 0.0,
     ):
-        self.cluster = cluster
         self.view = Progress(title, 1, "call", show_after)
         self.t0 = time.monotonic()
         self.stage = ""  # what the call is at, from the client side
@@ -75,12 +73,10 @@ _operation: Operation | None = None
 
 
 @contextlib.contextmanager
-def operation(
-    cluster: Any, title: str, describe: Callable[[str], str] | None = None
-) -> Iterator[Operation]:
+def operation(title: str, describe: Callable[[str], str] | None = None) -> Iterator[Operation]:
     """While open, every dispatch's progress goes to one display (see Operation)."""
     global _operation
-    op = _operation = Operation(cluster, title, describe)
+    op = _operation = Operation(title, describe)
     ended = "stopped"
     try:
         yield op

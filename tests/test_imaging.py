@@ -199,11 +199,7 @@ def test_continuum_progress_names_each_servers_step():
     """What a server's job reads as in the live table (pure: no servers needed)."""
     from casa_kernel import casampi_imaging, progress
 
-    class Cluster:
-        servers: dict = {}
-        client = None
-
-    with progress.operation(Cluster(), "tclean") as op:
+    with progress.operation("tclean") as op:
         casampi_imaging._note_stage("toolsi.makepsf()")
         assert op.stage == "making the psf"
         casampi_imaging._note_stage("toolsi.executemajorcycle(controls={'lastcycle':False})")
