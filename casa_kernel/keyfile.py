@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from casa_kernel.casa.config import state_home
 from casa_kernel.config import ENV_KEY_DIR
 from casa_kernel.errors import ClusterError
 
@@ -51,10 +52,7 @@ def base_dir(environ: Mapping[str, str], home: str | None = None) -> str:
     configured = environ.get(ENV_KEY_DIR, "").strip()
     if configured:
         return os.path.abspath(os.path.expanduser(configured))
-    state = environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(state):  # the XDG spec says to ignore relative values
-        state = os.path.join(home or os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "casa-kernel", "clusters")
+    return os.path.join(state_home(environ, home), "casa-kernel", "clusters")
 
 
 def private_base(base: str) -> str:

@@ -67,6 +67,15 @@ def _private_dir(path: str) -> str:
     return path
 
 
+def state_home(environ: Mapping[str, str], home: str | None = None) -> str:
+    """``$XDG_STATE_HOME``, or ``~/.local/state`` (also for a relative value, which
+    the XDG spec says to ignore): where casa-kernel keeps logs and key folders."""
+    state = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(state):
+        return state
+    return os.path.join(home or os.path.expanduser("~"), ".local", "state")
+
+
 def default_log_dir() -> str:
     """The folder for CASA's log files, created (mode 0700) if missing.
 
@@ -79,11 +88,8 @@ def default_log_dir() -> str:
     configured = os.environ.get(LOG_DIR_VAR)
     if configured:
         return _private_dir(os.path.abspath(os.path.expanduser(configured)))
-    state = os.environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(state):  # the XDG spec says to ignore relative values
-        state = os.path.join(os.path.expanduser("~"), ".local", "state")
     try:
-        return _private_dir(os.path.join(state, "casa-kernel", "logs"))
+        return _private_dir(os.path.join(state_home(os.environ), "casa-kernel", "logs"))
     except OSError:
         return _private_dir(_temp_log_dir())
 
