@@ -130,14 +130,20 @@ def parse_batch_spec(text: str, nservers: int) -> BatchJob:
 
 
 def batch_script(
-    job: BatchJob, launch: Sequence[str], script_path: str, output_path: str, note: str = ""
+    job: BatchJob,
+    launch: Sequence[str],
+    script_path: str,
+    output_path: str,
+    note: str = "",
+    preflight: Sequence[str] = (),
 ) -> tuple[str, list[str]]:
     """The job script and the submit command line, ``(text, argv)``.
 
     ``launch`` is the servers' whole ``mpiexec ... -n N ... ipengine`` command;
     the job asks for exactly ``nservers`` tasks, one per server.  Options go in
     the script as directives (they show in its log); the user's ``extra_args``
-    go on the command line, where they override the directives.
+    go on the command line, where they override the directives. ``preflight``
+    lines run first (casa_kernel.preflight.job_script_lines).
     """
     pbs_time = _pbs_walltime(job.time) if job.system == "pbs" and job.time else None
     if job.system == "slurm":
@@ -178,6 +184,7 @@ def batch_script(
         # An MPI built without PBS's tm interface does not read the job's nodes
         # by itself: hand them over (the variable is expanded in the job).
         command = f'{shlex.quote(launch[0])} --hostfile "$PBS_NODEFILE" {shlex.join(launch[1:])}'
+    lines += preflight
     lines.append("exec " + command)
     return "\n".join(lines) + "\n", argv
 

@@ -71,6 +71,9 @@ class _BatchMPIEngineSetLauncher(BatchEngineSetLauncher):
     mpi_cmd = List(Unicode(), ["mpiexec"], config=True, help="mpiexec inside the job")
     extra_mpi_args = List([], config=True, help="site flags appended to mpiexec's")
     note = Unicode("", config=True, help="comment lines for the job script")
+    preflight = List(
+        Unicode(), [], config=True, help="shell lines run before mpiexec (the preflight)"
+    )
 
     # set while running
     job_state = Unicode("")
@@ -111,8 +114,9 @@ class _BatchMPIEngineSetLauncher(BatchEngineSetLauncher):
         if folder:
             os.makedirs(folder, exist_ok=True)
             self.output_file = os.path.join(folder, f"{self.identifier}.log")
+        launch = self.launch_command(n)
         text, argv = batch_script(
-            job, self.launch_command(n), self.batch_file, self.output_file, self.note
+            job, launch, self.batch_file, self.output_file, self.note, self.preflight
         )
         with open(self.batch_file, "w") as f:
             f.write(text)

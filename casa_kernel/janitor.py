@@ -53,6 +53,17 @@ def reap(pids: Iterable[int], grace: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
+def remove_path(path: str) -> None:
+    """Remove a folder with what it holds, or a file; gone already is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def kill_now(pids: Iterable[int]) -> None:
     """SIGKILL at once (stuck or stopped servers honour nothing else)."""
     for pid in pids:
@@ -90,7 +101,8 @@ class Janitor:
         return self.workdir
 
     def add_folder(self, folder: str) -> None:
-        """Another folder of the cluster, removed with the private one."""
+        """Another folder (or file: a preflight marker) of the cluster, removed
+        with the private folder."""
         with self._lock:
             self.folders.add(folder)
         self._report()
@@ -163,14 +175,14 @@ class Janitor:
             others, self.folders = self.folders, set()
         for path in [folder, *sorted(others)]:
             if path:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_path(path)
                 self.removed.append(path)
         self._report()
 
     def remove_late_files(self) -> None:
         """Late ipyparallel callbacks may recreate part of a removed folder."""
-        for folder in self.removed:
-            shutil.rmtree(folder, ignore_errors=True)
+        for path in self.removed:
+            remove_path(path)
 
     def _report(self) -> None:
         if self.on_change is not None:

@@ -13,16 +13,21 @@ manager's launcher, with no ssh to check): a small probe
 and :func:`judge` compares them with the client's. The result is a
 :class:`Report`: a host x requirement table and, when something fails, ONE
 :class:`~casa_kernel.errors.PreflightError` naming the host, the requirement
-and what to do.
+and what to do. Servers from the batch queue run on nodes unknown before their
+job starts: the job script runs the probe on each of its nodes first
+(:func:`job_script_lines`) and the kernel judges the job's output
+(:class:`JobPreflight`).
 
 Pure: :func:`find_agent`, :func:`agent_command`, :func:`remote_line`,
-:func:`parse_output`, :func:`judge` and the report (table-tested); the runner
-is :func:`run_probes` and the entry points :func:`check` and :func:`require`.
+:func:`parse_output`, :func:`judge`, :func:`parse_job_output` and the report
+(table-tested); the runner is :func:`run_probes` and the entry points
+:func:`check`, :func:`require` and :func:`for_job`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -721,7 +726,13 @@ def check(
     client = socket.gethostname()
     limit = time_limit(environ) if timeout is None else timeout
     if config.batch is not None:
-        return Report(client, [], [], note="servers from the batch queue: hosts not known yet")
+        return Report(
+            client,
+            [],
+            [],
+            note="servers from the batch queue: hosts not known yet (checked inside "
+            "the job, on each of its nodes, before its mpiexec)",
+        )
     hosts = remote_hosts(config.placement.servers)
     if not hosts:
         return Report(client, [], [], note="every server runs on this machine: nothing to check")
@@ -730,32 +741,70 @@ def check(
         found = allocation.detect(environ)
         manager = found.manager if found is not None else None
     agent = find_agent(environ, config.extra_mpi_args, manager)
-    workdir = os.path.abspath(workdir or os.getcwd())
-    vis = tuple(os.path.abspath(os.path.expanduser(v)) for v in vis)
-    keydir = ""
-    if keyfile.wanted(config.encrypted, False, False):  # (servers on other hosts here)
-        keydir = keyfile.private_base(keyfile.base_dir(environ))
-    folders = [workdir, *([keydir] if keydir else []), *(os.path.dirname(v) for v in vis)]
-    folders = list(dict.fromkeys(folders))
-    token = secrets.token_hex(8)
-    markers = _write_markers(folders, token, client)
+    probe = _Probe.prepare(config, environ, agent, limit, vis, workdir)
     try:
-        request = probe_request(
-            {f: os.path.join(f, MARKER_PREFIX + token) if markers[f] else None for f in folders},
-            vis,
-            seed_env_paths(environ),
-            config.mpiexec,
-        )
-        mine = collect(request)
-        line = remote_line(sys.executable, encode_request(request), forwarded_env(environ))
         started = time.monotonic()
-        outcomes = run_probes(hosts, agent, line, limit)
+        outcomes = run_probes(hosts, agent, probe.line, limit)
         seconds = time.monotonic() - started
     finally:
-        _remove_markers(folders, token)
-    ctx = Context(client, mine, agent, sys.executable, workdir, vis, markers, limit, keydir)
-    checks = [c for outcome in outcomes for c in judge(outcome, ctx)]
+        probe.remove_markers()
+    checks = [c for outcome in outcomes for c in judge(outcome, probe.ctx)]
     return Report(client, hosts, checks, seconds, agent.describe())
+
+
+@dataclass
+class _Probe:
+    """One preflight's request: marker files written, the client's own facts,
+    the shell line each host runs, and what judging needs (the Context)."""
+
+    ctx: Context
+    line: str
+    folders: list[str]
+    token: str
+
+    @classmethod
+    def prepare(
+        cls,
+        config: ClusterConfig,
+        environ: Mapping[str, str],
+        agent: Agent,
+        limit: float,
+        vis: Sequence[str] = (),
+        workdir: str | None = None,
+    ) -> _Probe:
+        client = socket.gethostname()
+        workdir = os.path.abspath(workdir or os.getcwd())
+        vis = tuple(os.path.abspath(os.path.expanduser(v)) for v in vis)
+        keydir = ""
+        if keyfile.wanted(config.encrypted, False, config.batch is not None):
+            keydir = keyfile.private_base(keyfile.base_dir(environ))
+        folders = [workdir, *([keydir] if keydir else []), *(os.path.dirname(v) for v in vis)]
+        folders = list(dict.fromkeys(folders))
+        token = secrets.token_hex(8)
+        markers = _write_markers(folders, token, client)
+        try:
+            marked = {
+                f: os.path.join(f, MARKER_PREFIX + token) if markers[f] else None for f in folders
+            }
+            request = probe_request(
+                marked,
+                vis,
+                seed_env_paths(environ),
+                config.mpiexec,
+            )
+            mine = collect(request)
+        except BaseException:
+            _remove_markers(folders, token)
+            raise
+        line = remote_line(sys.executable, encode_request(request), forwarded_env(environ))
+        ctx = Context(client, mine, agent, sys.executable, workdir, vis, markers, limit, keydir)
+        return cls(ctx, line, folders, token)
+
+    def marker_paths(self) -> list[str]:
+        return [os.path.join(f, MARKER_PREFIX + self.token) for f in self.folders]
+
+    def remove_markers(self) -> None:
+        _remove_markers(self.folders, self.token)
 
 
 def require(config: ClusterConfig, env: Mapping[str, str] | None = None) -> Report | None:
@@ -767,6 +816,125 @@ def require(config: ClusterConfig, env: Mapping[str, str] | None = None) -> Repo
     if not report.ok:
         raise report.error()
     return report
+
+
+# ----------------------------------------------------------------------------- inside a batch job
+
+# Servers from the batch queue run on nodes nobody knows before the job starts:
+# the job script itself runs the probe on each of its nodes (the manager's
+# launcher: srun, pbsdsh) before its mpiexec, each output line tagged with the
+# node; the kernel reads them from the job's output file and judges them as
+# above. A failure cancels the job (the start fails with ONE PreflightError)
+# before servers that could not work are waited for.
+JOB_TAG = "CASA-KERNEL-PREFLIGHT-JOB"  # "JOB_TAG node line": a node's probe said line
+JOB_NODES = "CASA-KERNEL-PREFLIGHT-NODES"  # the job's nodes (Slurm)
+JOB_DONE = "CASA-KERNEL-PREFLIGHT-DONE"  # "JOB_DONE exit-code milliseconds"
+_JOB_LAUNCH = {
+    # once per node of the job; the node named as the manager names it
+    "slurm": (
+        'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" '
+        "--ntasks-per-node=1 --export=ALL --quiet",
+        '"${SLURMD_NODENAME:-$(uname -n)}"',
+    ),
+    "pbs": ("pbsdsh -u", '"$(uname -n)"'),
+}
+_JOB_MANAGER = {"slurm": "Slurm", "pbs": "PBS"}
+
+
+def job_script_lines(system: str, line: str, limit: float) -> list[str]:
+    """The job script's preflight: ``line`` (see :func:`remote_line`) on each node
+    of the job, at most ``limit`` seconds in all (pure)."""
+    launch, node = _JOB_LAUNCH[system]
+    tagged = (
+        f"h={node}; {{ {line}; }} 2>&1 | "
+        f'while IFS= read -r l; do printf "%s %s %s\\n" {JOB_TAG} "$h" "$l"; done'
+    )
+    lines = ["# casa-kernel preflight: what each node has (the kernel judges it)"]
+    if system == "slurm":
+        nodes = 'scontrol show hostnames "$SLURM_JOB_NODELIST" | tr "\\n" " "'
+        lines.append(f'echo "{JOB_NODES} $({nodes})"')
+    lines += [
+        "t0=$(date +%s%N)",
+        f"timeout -k 5 {limit:g} {launch} /bin/sh -c {shlex.quote(tagged)}",
+        f'echo "{JOB_DONE} $? $(( ($(date +%s%N) - t0) / 1000000 ))"',
+    ]
+    return lines
+
+
+def parse_job_output(output: str) -> tuple[list[Outcome], float] | None:
+    """Each node's outcome and the seconds the probes took, from the job's output
+    (pure); None until the job has run them all."""
+    done = re.search(rf"^{JOB_DONE} (\d+) (\d+)", output, re.M)
+    if done is None:
+        return None
+    returncode, seconds = int(done.group(1)), int(done.group(2)) / 1000
+    said: dict[str, list[str]] = {}
+    listed: list[str] = []
+    other: list[str] = []  # the launcher's own words (srun: error: ...)
+    for text in output[: done.start()].splitlines():
+        if text.startswith(JOB_NODES + " "):
+            listed = text.split()[1:]
+        elif text.startswith(JOB_TAG + " "):
+            _, node, rest = (text + " ").split(" ", 2)
+            said.setdefault(node, []).append(rest.rstrip(" "))
+        elif text.strip():
+            other.append(text)
+    outcomes = []
+    for node in dict.fromkeys([*listed, *said]):
+        lines = said.get(node)
+        if lines is None:  # its probe never ran or never answered
+            outcomes.append(
+                Outcome(node, returncode, "", "\n".join(other), timed_out=returncode == 124)
+            )
+            continue
+        quiet = [t for t in lines if t != REACHED and not t.startswith(TAG + " ")]
+        outcomes.append(Outcome(node, returncode, "\n".join(lines), "\n".join(quiet)))
+    return outcomes, seconds
+
+
+def without_job_lines(output: str) -> str:
+    """The job's output without the preflight's lines (mpiexec's words alone)."""
+    tags = (JOB_TAG + " ", JOB_NODES + " ", JOB_DONE + " ")
+    return "\n".join(t for t in output.splitlines() if not t.startswith(tags))
+
+
+@dataclass
+class JobPreflight:
+    """The preflight a batch job carries: the lines for its script, and the
+    judging of what its nodes answered (:meth:`report`)."""
+
+    probe: _Probe
+    script_lines: list[str]
+
+    def report(self, output: str) -> Report | None:
+        """The report once the job's output has every node's answer (else None)."""
+        parsed = parse_job_output(output)
+        if parsed is None:
+            return None
+        outcomes, seconds = parsed
+        ctx = self.probe.ctx
+        checks = [c for outcome in outcomes for c in judge(outcome, ctx)]
+        hosts = [outcome.host for outcome in outcomes]
+        return Report(ctx.client_host, hosts, checks, seconds, ctx.agent.describe())
+
+    def marker_paths(self) -> list[str]:
+        return self.probe.marker_paths()
+
+    def remove_markers(self) -> None:
+        self.probe.remove_markers()
+
+
+def for_job(config: ClusterConfig, env: Mapping[str, str] | None = None) -> JobPreflight | None:
+    """The preflight for a launch of servers from the batch queue (None: not one,
+    or the check turned off). Its marker files exist until :meth:`remove_markers`."""
+    environ = {**os.environ, **(env or {})}
+    if config.batch is None or config.batch.system not in _JOB_LAUNCH:
+        return None
+    if not env_flag(environ, ENV_PREFLIGHT, default=True):
+        return None
+    limit = time_limit(environ)
+    probe = _Probe.prepare(config, environ, Agent(_JOB_MANAGER[config.batch.system]), limit)
+    return JobPreflight(probe, job_script_lines(config.batch.system, probe.line, limit))
 
 
 def _write_markers(folders: Sequence[str], token: str, client: str) -> dict[str, str]:

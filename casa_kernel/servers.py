@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from casa_kernel import encryption, keyfile
+from casa_kernel import encryption, keyfile, preflight
 from casa_kernel.errors import ClusterError
 from casa_kernel.janitor import kill_now, reap
 from casa_kernel.launcher import (
@@ -81,21 +81,30 @@ class EngineSet:
         if self.url_file is not None:  # the key by file, not through mpiexec or the queue
             info = await ipp.controller.get_connection_info()
             keyfile.write(os.path.dirname(self.url_file), info["engine"])
-        es_id = await ipp.start_engines(n)
-        self.id, self.launcher = es_id, ipp.engines[es_id]
-        self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
-        c.janitor.track(self.launcher)
-        client = c.client if c.client is not None else await ipp.connect_client()
-        c.client = client
-        waiting = client.wait_for_engines(
-            n, block=False, timeout=c.config.start_timeout, interactive=False
-        )
-        registered = asyncio.wrap_future(waiting)
-        job = self.job()
-        while job is not None and not registered.done():
-            # "Slurm job 12 PENDING (Resources); 0/4 servers registered"
-            c.note = f"{job.describe_job()}; {len(client.ids)}/{n} servers registered"
-            await asyncio.wait([registered], timeout=0.5)
+        checking = self._job_preflight()
+        try:
+            es_id = await ipp.start_engines(n)
+            self.id, self.launcher = es_id, ipp.engines[es_id]
+            self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
+            c.janitor.track(self.launcher)
+            client = c.client if c.client is not None else await ipp.connect_client()
+            c.client = client
+            waiting = client.wait_for_engines(
+                n, block=False, timeout=c.config.start_timeout, interactive=False
+            )
+            registered = asyncio.wrap_future(waiting)
+            job = self.job()
+            while job is not None and not registered.done():
+                # "Slurm job 12 PENDING (Resources); 0/4 servers registered"
+                c.note = f"{job.describe_job()}; {len(client.ids)}/{n} servers registered"
+                if checking is not None and self._judge_job_preflight(checking, job):
+                    checking = None
+                await asyncio.wait([registered], timeout=0.5)
+            if checking is not None and job is not None:  # (it runs before mpiexec)
+                self._judge_job_preflight(checking, job)
+        finally:
+            if checking is not None:
+                checking.remove_markers()
         try:
             await registered
         except Exception as exc:
@@ -113,6 +122,32 @@ class EngineSet:
         c.note = "servers registered; binding rank, size, comm"
         await self._setup(client)
         return client
+
+    def _job_preflight(self) -> preflight.JobPreflight | None:
+        """Servers from the batch queue: the preflight their job script runs first."""
+        c = self.cluster
+        if c.config.batch is None:
+            return None
+        from casa_kernel.batch_launcher import LAUNCHERS
+
+        checking = preflight.for_job(c.config, c.extra_env)
+        launcher_config = c._ipp.config[LAUNCHERS[c.config.batch.system].__name__]
+        launcher_config.preflight = checking.script_lines if checking is not None else []
+        if checking is not None:  # a killed kernel's watchdog removes them too
+            for path in checking.marker_paths():
+                c.janitor.add_folder(path)
+        return checking
+
+    def _judge_job_preflight(self, checking: preflight.JobPreflight, job: Any) -> bool:
+        """Judge the job's preflight once its nodes answered (True: judged);
+        a failure raises ONE PreflightError (the start fails: the job is cancelled)."""
+        report = checking.report(job.get_output())
+        if report is None:
+            return False
+        checking.remove_markers()
+        if not report.ok:
+            raise report.error()
+        return True
 
     async def _setup(self, client: Any) -> None:
         """Bind rank/size/comm on every server and learn where each one runs."""
@@ -205,9 +240,10 @@ class EngineSet:
         if launcher is None:
             return ""
         try:
-            return (launcher.final_output or launcher.get_output()).strip()
+            output = launcher.final_output or launcher.get_output()
         except Exception:
-            return launcher.final_output.strip()
+            output = launcher.final_output
+        return preflight.without_job_lines(output).strip()
 
 
 async def stop_all(cluster: CasaCluster) -> None:

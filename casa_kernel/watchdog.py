@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -118,9 +117,11 @@ def _wait_gone(pid: int, timeout: float) -> None:
         pass
 
 
-def _remove(folders: set[str]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove(paths: set[str]) -> None:
+    from casa_kernel.janitor import remove_path
+
+    for path in paths:
+        remove_path(path)
 
 
 if __name__ == "__main__":

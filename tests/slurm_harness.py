@@ -116,6 +116,27 @@ class Slurm:
         mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
         return [p for p in found if p.pid not in mine]
 
+    def node_pid(self, node: str) -> int:
+        """The pid of ``node``'s slurmd (its jobs run in its namespaces)."""
+        for proc in psutil.process_iter(["cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if argv[:1] == ["slurmd"] and argv[2:4] == ["-N", node] and str(self.conf) in argv:
+                return proc.pid
+        raise RuntimeError(f"no slurmd for {node}:\n{self.logs()}")
+
+    @contextlib.contextmanager
+    def hidden(self, node: str, folder: Path) -> Iterator[None]:
+        """``folder`` is an empty one on ``node`` (a tmpfs over it in that node's
+        mount namespace): a node without the file system the others share."""
+        enter = ["nsenter", "-t", str(self.node_pid(node)), "-m", "--"]
+        subprocess.run(
+            [*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "hidden", str(folder)], check=True
+        )
+        try:
+            yield
+        finally:
+            subprocess.run([*enter, "umount", str(folder)], check=True)
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -728,3 +728,135 @@ def test_the_command_line_check(
     assert "up1-x data: " + str(tmp_path / "nowhere.ms") + " not found (nor here)" in out
     assert "down1-x ssh: ssh: connect to host down1-x port 22: No route to host" in out
     assert main(["check", "--hostfile", str(tmp_path / "missing.txt")]) == 2
+
+
+# ------------------------------------------------------------------ inside a batch job
+
+JOB = preflight.JOB_TAG
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        # the job has not run its probes yet (pending, or still probing)
+        ("", None),
+        (f"{preflight.JOB_NODES} antares orion \n{JOB} orion {REACHED}\n", None),
+        # every node answered; mpiexec's own lines after DONE are not the preflight's
+        (
+            f"{preflight.JOB_NODES} antares orion \n{JOB} orion {REACHED}\n"
+            f"{JOB} antares {REACHED}\n{JOB} antares {TAG} {{}}\n{JOB} orion {TAG} {{}}\n"
+            f"{preflight.JOB_DONE} 0 98\nprterun: late words\n",
+            (
+                [
+                    ("antares", 0, f"{REACHED}\n{TAG} {{}}", "", False),
+                    ("orion", 0, f"{REACHED}\n{TAG} {{}}", "", False),
+                ],
+                0.098,
+            ),
+        ),
+        # one node never answered: the launcher's own words are its reason
+        (
+            f"{preflight.JOB_NODES} antares orion \nsrun: error: antares: task 0: refused\n"
+            f"{JOB} orion {REACHED}\n{JOB} orion Traceback (most recent call last):\n"
+            f"{preflight.JOB_DONE} 1 2034\n",
+            (
+                [
+                    ("antares", 1, "", "srun: error: antares: task 0: refused", False),
+                    (
+                        "orion",
+                        1,
+                        f"{REACHED}\nTraceback (most recent call last):",
+                        "Traceback (most recent call last):",
+                        False,
+                    ),
+                ],
+                2.034,
+            ),
+        ),
+        # the probes ran past the limit (timeout's 124): the silent node timed out
+        (
+            f"{preflight.JOB_NODES} antares \n{preflight.JOB_DONE} 124 20001\n",
+            ([("antares", 124, "", "", True)], 20.001),
+        ),
+    ],
+)
+def test_parse_job_output(output: str, expected: Any) -> None:
+    parsed = preflight.parse_job_output(output)
+    if expected is None:
+        assert parsed is None
+        return
+    outcomes, seconds = parsed
+    got = [(o.host, o.returncode, o.stdout, o.stderr, o.timed_out) for o in outcomes]
+    assert (got, seconds) == tuple(expected)
+
+
+def test_job_output_shown_to_the_user_is_mpiexec_s_alone() -> None:
+    output = (
+        f"{preflight.JOB_NODES} a \n{JOB} a {REACHED}\n{preflight.JOB_DONE} 0 5\n"
+        "prterun: a daemon failed\n"
+    )
+    assert preflight.without_job_lines(output) == "prterun: a daemon failed"
+
+
+def test_job_preflight_is_only_for_servers_from_the_queue() -> None:
+    from casa_kernel.batch import parse_batch_spec
+
+    assert preflight.for_job(ClusterConfig.from_options(nprocs=3)) is None
+    queued = ClusterConfig.from_options(batch=parse_batch_spec("slurm", 2))
+    assert preflight.for_job(queued, {"CASA_KERNEL_PREFLIGHT": "0"}) is None
+    lines = preflight.job_script_lines("slurm", "echo hi", 20)
+    assert any(line.startswith(f'echo "{preflight.JOB_NODES} ') for line in lines)
+    assert any("timeout -k 5 20 srun --nodes=" in line for line in lines)
+    assert not any(
+        preflight.JOB_NODES in line for line in preflight.job_script_lines("pbs", "x", 5)
+    )
+
+
+def test_job_preflight_runs_in_a_job_script_for_real(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PBS's lines run by sh, ``pbsdsh -u`` being this machine (no PBS here):
+    the real probe on the 'node', its quoting through sh -c, the kernel's
+    judging of the output; then one node that lacks the folder."""
+    from casa_kernel.batch import parse_batch_spec
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pbsdsh").write_text('#!/bin/sh\n[ "$1" = -u ] && shift\nexec "$@"\n')
+    (bin_dir / "pbsdsh").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("CASA_KERNEL_KEY_DIR", str(tmp_path / "keys"))
+    config = ClusterConfig.from_options(batch=parse_batch_spec("pbs", 2))
+    job = preflight.for_job(config, {})
+    assert job is not None
+    markers = job.marker_paths()
+    assert markers and all(os.path.exists(p) for p in markers)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def run(lines: list[str]) -> str:
+        script = tmp_path / "job.sh"
+        script.write_text("\n".join(["#!/bin/sh", *lines]) + "\n")
+        return subprocess.run(
+            ["sh", str(script)], capture_output=True, text=True, env=env, timeout=60
+        ).stdout
+
+    output = run(job.script_lines)
+    assert job.report(output[: output.index(preflight.JOB_DONE)]) is None  # not done yet
+    report = job.report(output)
+    node = os.uname().nodename
+    assert report is not None and report.hosts == [node], output
+    assert report.ok, report.error()
+    passed = {c.requirement: c.reason for c in report.checks}
+    assert passed["workdir"] == "same folder (marker seen)"
+    assert passed["casa-kernel"] == collect({})["versions"]["casa-kernel"]
+    # the same node, as if it did not mount the folder: the marker is not there
+    os.rename(markers[0], markers[0] + ".away")
+    report = job.report(run(job.script_lines))
+    assert report is not None and not report.ok
+    (failure,) = report.failures()
+    assert (failure.host, failure.requirement) == (node, "workdir")
+    os.rename(markers[0] + ".away", markers[0])
+    job.remove_markers()
+    assert not any(os.path.exists(p) for p in markers)

@@ -291,3 +291,41 @@ def test_kernel_death_cancels_its_job(cluster: Slurm, tmp_path: Path) -> None:
     assert pending.endswith("PENDING casa-servers"), pending
     assert got["queue_after_kill"] == []
     assert got["left"] == []
+    # the job's preflight marker waits in the kernel's folder while the job
+    # pends; the watchdog removes it with the rest
+    assert len(got["markers_while_pending"]) == 1, got
+    assert got["markers_after"] == [], got
+
+
+@pytest.mark.timeout(180)
+def test_job_preflight_names_the_node_without_the_shared_folder(
+    cluster: Slurm, tmp_path: Path
+) -> None:
+    """Servers from the queue run on nodes nobody knows before the job starts:
+    the job checks them before its mpiexec. The kernel's folder is not on
+    antares (hidden there): the start fails at once with ONE error naming
+    antares, the requirement and what to do; the job is cancelled; no marker
+    file, job or process is left."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    start = "%casa_cluster start --slurm -n 5 --time 5 --sbatch-arg=--nodes=2"
+    with cluster.hidden("antares", folder):
+        got = run_queue_driver(
+            cluster, tmp_path, "--start", start, "--cwd", str(folder), mode="preflight"
+        )
+    with explained(got):
+        reply = got["start"]
+        assert reply["status"] == "error", reply
+        message = reply["error"]
+        assert "cannot be launched on antares:" in message, message
+        assert f"antares: workdir: {folder} is another folder there" in message, message
+        assert "do: start the notebook in a folder that antares mounts" in message, message
+        assert "orion" not in message, message  # orion shares the folder
+        # long before the servers' own wait for their connection (60 s) ran out
+        assert reply["seconds"] < 60, reply
+        assert got["queue_after_start"] == []  # the job was cancelled (not left to time out)
+        # status says so too (and how to go on)
+        assert "the cluster failed to start" in got["status"]["error"], got["status"]
+        assert "then %casa_cluster restart" in got["status"]["error"], got["status"]
+        assert got["markers"] == []
+        assert got["left"] == []

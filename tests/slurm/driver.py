@@ -15,6 +15,10 @@ Two ways of running, each printing one JSON object per line on stdout:
 ``kill-pending``
     A kernel whose kernelspec asks for servers from the queue
     (``CASA_KERNEL_BATCH``) is killed while their job is held in the queue.
+``preflight``
+    A kernel started in ``--cwd`` (a folder one node does not share) asks the
+    queue for servers: the start must fail on the job's preflight; reports the
+    queue after it, marker files left in the folder, and processes left.
 """
 
 from __future__ import annotations
@@ -233,7 +237,7 @@ def kill_pending(spec: str) -> None:
                 seen += msg["content"]["text"]
             elif msg["msg_type"] in ("display_data", "update_display_data"):
                 seen += msg["content"]["data"].get("text/plain", "") + "\n"
-        emit(pending_output=seen, queue_while_pending=queue())
+        emit(pending_output=seen, queue_while_pending=queue(), markers_while_pending=markers())
         os.kill(pid, signal.SIGKILL)
         km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
         deadline = time.monotonic() + 30
@@ -241,12 +245,38 @@ def kill_pending(spec: str) -> None:
             time.sleep(0.2)
         emit(queue_after_kill=queue())
     left = wait_gone(pid, timeout=15)
+    deadline = time.monotonic() + 15  # the watchdog removes files after the processes
+    while markers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()], markers_after=markers())
+
+
+def markers(folder: str | None = None) -> list[str]:
+    """The job preflight's marker files in the kernel's folder (it waits for the job)."""
+    return sorted(p.name for p in Path(folder or os.getcwd()).glob(".casa-kernel-preflight-*"))
+
+
+def failed_preflight(start: str, cwd: str) -> None:
+    started = time.monotonic()
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="2"), cwd=cwd) as (km, kc):
+        pid = kernel_pid(km)
+        emit(kernel_pid=pid)
+        execute(kc, "%casa_cluster stop", timeout=60)
+        emit(start=summary(execute(kc, start, timeout=120), started))
+        deadline = time.monotonic() + 30  # the failed start cancels its job as it ends
+        while queue() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        emit(queue_after_start=queue())
+        emit(status=summary(execute(kc, "%casa_cluster status", timeout=30), started))
+        emit(markers=markers(cwd))
+    left = wait_gone(pid, timeout=15)
     emit(left=[" ".join(p.cmdline()) for p in left if p.is_running()])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("mode", choices=["in-job", "queue", "kill-pending"])
+    parser.add_argument("mode", choices=["in-job", "queue", "kill-pending", "preflight"])
+    parser.add_argument("--cwd", default=os.getcwd(), help="the kernel's folder (preflight)")
     parser.add_argument("--kernel", default="casa-mpi")
     parser.add_argument("--start", default="%casa_cluster start --slurm -n 5")
     parser.add_argument("--kill", action="store_true")
@@ -256,6 +286,8 @@ def main() -> None:
         in_job(args.kernel)
     elif args.mode == "kill-pending":
         kill_pending(args.batch)
+    elif args.mode == "preflight":
+        failed_preflight(args.start, args.cwd)
     else:
         in_queue(args.start, args.kill)
 

@@ -10,8 +10,8 @@ or any Slurm/munge of the machine itself:
 * this namespace is the login node ``login``; ``/etc/hosts`` (bind mount) names
   login, orion and antares 127.0.1.1;
 * munged on a private socket and key, slurmctld, and one slurmd per node, each
-  in a UTS namespace named after its node, all in the foreground as children of
-  this process.
+  in a UTS namespace named after its node (and a mount namespace of its own),
+  all in the foreground as children of this process.
 
 Prints ``ready <pid>`` once every node is idle, then waits for a line on stdin
 (or its end): cancels every job, stops the daemons (TERM, then KILL) and exits.
@@ -189,7 +189,9 @@ def main() -> None:
         for name in NODES:
             procs.append(
                 subprocess.Popen(
-                    ["unshare", "--uts", sys.executable, "-c", NAMED, name]
+                    # a mount namespace each too: a test can hide a folder on one
+                    # node (Slurm_harness.hidden), as a node without a shared mount
+                    ["unshare", "--uts", "--mount", sys.executable, "-c", NAMED, name]
                     + ["slurmd", "-D", "-N", name, "-f", str(conf)],
                     env=env,
                 )
