@@ -1,6 +1,6 @@
 """casa-kernel benchmarks: every figure a ratio of two things run here, on the same data.
 
-    python bench/run.py [--quick] [--only P1,P2,P3,P4,scale,memory]
+    python bench/run.py [--quick] [--only P1,P2,P3,P4,P5,scale,memory]
 
 Prints one markdown table per section (with the command, cores and date beside
 it), writes bench/results.json (sections not run keep their previous results) and
@@ -38,7 +38,7 @@ from common import (  # noqa: E402
     verdict,
 )
 
-SECTIONS = ["P1", "P2", "P3", "P4", "scale", "memory"]
+SECTIONS = ["P1", "P2", "P3", "P4", "P5", "scale", "memory"]
 RESULTS = BENCH / "results.json"
 
 SETTINGS = {
@@ -48,6 +48,7 @@ SETTINGS = {
         "p3_repeats": 5,
         "p4_mib": 64,
         "p4_repeats": 10,
+        "p5_repeats": 3,
         "scale_ns": [2, 8, 32, 64],
         "scale_repeats": 10,
     },
@@ -57,6 +58,7 @@ SETTINGS = {
         "p3_repeats": 1,
         "p4_mib": 16,
         "p4_repeats": 3,
+        "p5_repeats": 1,
         "scale_ns": [2, 8],
         "scale_repeats": 5,
     },
@@ -170,6 +172,10 @@ def run_section(section: str, cfg: dict[str, Any], data: Any) -> dict[str, Any]:
         import p4_gather
 
         return p4_gather.run(cfg["p4_mib"], cfg["p4_repeats"])
+    if section == "P5":
+        import p5_cold
+
+        return p5_cold.run("small", cfg["p5_repeats"])  # a launch's cost, not the data's
     if section == "scale":
         import scale
 
@@ -437,6 +443,12 @@ def table_P4(r: dict[str, Any]) -> str:
         f"medians of {r['repeats']} repeats.\n\n"
         + markdown_table(["path", "MB/s", "of memcpy (>= 50 %)"], rows)
     )
+
+
+def table_P5(r: dict[str, Any]) -> str:
+    import p5_cold
+
+    return p5_cold.report(r)
 
 
 def table_scale(r: dict[str, Any]) -> str:
