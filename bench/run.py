@@ -9,7 +9,7 @@ profiles and scratch go to bench/out/ (gitignored); the mpicasa baseline's venv
 is bench/.venv-mpicasa (made on first use, never the runtime venv).
 
 Run it with the runtime venv's python (``.venv/bin/python bench/run.py``). The full
-run takes ~8 minutes on a 2-core box (plus ~30 s once for the mpicasa venv);
+run takes ~10 minutes on a 2-core box (plus ~30 s once for the mpicasa venv);
 --quick ~3 minutes.
 """
 
