@@ -783,9 +783,7 @@ class _Probe:
         token = secrets.token_hex(8)
         markers = _write_markers(folders, token, client)
         try:
-            marked = {
-                f: os.path.join(f, MARKER_PREFIX + token) if markers[f] else None for f in folders
-            }
+            marked = {f: _marker_path(f, token) if markers[f] else None for f in folders}
             request = probe_request(
                 marked,
                 vis,
@@ -801,7 +799,7 @@ class _Probe:
         return cls(ctx, line, folders, token)
 
     def marker_paths(self) -> list[str]:
-        return [os.path.join(f, MARKER_PREFIX + self.token) for f in self.folders]
+        return [_marker_path(f, self.token) for f in self.folders]
 
     def remove_markers(self) -> None:
         _remove_markers(self.folders, self.token)
@@ -937,6 +935,10 @@ def for_job(config: ClusterConfig, env: Mapping[str, str] | None = None) -> JobP
     return JobPreflight(probe, job_script_lines(config.batch.system, probe.line, limit))
 
 
+def _marker_path(folder: str, token: str) -> str:
+    return os.path.join(folder, MARKER_PREFIX + token)
+
+
 def _write_markers(folders: Sequence[str], token: str, client: str) -> dict[str, str]:
     """Folder -> the text of the marker file written in it ("" where none could be)."""
     written: dict[str, str] = {}
@@ -944,7 +946,7 @@ def _write_markers(folders: Sequence[str], token: str, client: str) -> dict[str,
         text = f"casa-kernel preflight {token} from {client}\n"
         try:
             fd = os.open(
-                os.path.join(folder, MARKER_PREFIX + token),
+                _marker_path(folder, token),
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                 0o644,
             )
@@ -959,6 +961,6 @@ def _write_markers(folders: Sequence[str], token: str, client: str) -> dict[str,
 def _remove_markers(folders: Sequence[str], token: str) -> None:
     for folder in folders:
         try:
-            os.unlink(os.path.join(folder, MARKER_PREFIX + token))
+            os.unlink(_marker_path(folder, token))
         except OSError:
             pass
