@@ -873,8 +873,8 @@ def parse_job_output(output: str) -> tuple[list[Outcome], float] | None:
         if text.startswith(JOB_NODES + " "):
             listed = text.split()[1:]
         elif text.startswith(JOB_TAG + " "):
-            _, node, rest = (text + " ").split(" ", 2)
-            said.setdefault(node, []).append(rest.rstrip(" "))
+            node, _, rest = text[len(JOB_TAG) + 1 :].partition(" ")
+            said.setdefault(node, []).append(rest)
         elif text.strip():
             other.append(text)
     outcomes = []
