@@ -90,7 +90,7 @@ class Janitor:
         self._pids: set[int] = set()
         self._jobs: dict[int, list[str]] = {}  # id(launcher) -> its job's cancel command
         self.workdir: str | None = None
-        self.folders: set[str] = set()  # others of the cluster (a shared connection folder)
+        self.paths: set[str] = set()  # others of the cluster (a shared connection folder, markers)
         self.removed: list[str] = []
         self.on_change = on_change  # the watchdog's hook
 
@@ -100,11 +100,11 @@ class Janitor:
         self._report()
         return self.workdir
 
-    def add_folder(self, folder: str) -> None:
-        """Another folder (or file: a preflight marker) of the cluster, removed
-        with the private folder."""
+    def add_path(self, path: str) -> None:
+        """Another folder or file of the cluster (the shared connection folder, a
+        preflight marker), removed with the private folder."""
         with self._lock:
-            self.folders.add(folder)
+            self.paths.add(path)
         self._report()
 
     def track(self, launcher: Any) -> None:
@@ -172,7 +172,7 @@ class Janitor:
             self._pids.clear()
             self._jobs.clear()
             folder, self.workdir = self.workdir, None
-            others, self.folders = self.folders, set()
+            others, self.paths = self.paths, set()
         for path in [folder, *sorted(others)]:
             if path:
                 remove_path(path)
@@ -188,6 +188,6 @@ class Janitor:
         if self.on_change is not None:
             with self._lock:
                 pids, folders = set(self._pids), {self.workdir} if self.workdir else set()
-                folders |= self.folders
+                folders |= self.paths
                 jobs = list(self._jobs.values())
             self.on_change(pids, folders, jobs)

@@ -135,7 +135,7 @@ class EngineSet:
         launcher_config.preflight = checking.script_lines if checking is not None else []
         if checking is not None:  # a killed kernel's watchdog removes them too
             for path in checking.marker_paths():
-                c.janitor.add_folder(path)
+                c.janitor.add_path(path)
         return checking
 
     def _judge_job_preflight(self, checking: preflight.JobPreflight, job: Any) -> bool:
@@ -386,7 +386,7 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     if keyfile.wanted(config.encrypted, placement.is_local, config.batch is not None):
         # The HMAC key must not travel in IPP_CONNECTION_INFO (see keyfile.py).
         folder = keyfile.make_folder(keyfile.base_dir({**os.environ, **env}))
-        cluster.janitor.add_folder(folder)
+        cluster.janitor.add_path(folder)
         cluster._engines.url_file = os.path.join(folder, keyfile.FILE_NAME)
         ipp_cluster.send_engines_connection_env = False
         launcher.engine_args += keyfile.engine_args(cluster._engines.url_file)

@@ -55,7 +55,7 @@ class Watchdog:
         cancel: list[list[str]] | None = None,
     ) -> None:
         """Replace the set of processes to end and of batch-job cancel commands
-        (``scancel ID``) to run; add folders to remove at the end."""
+        (``scancel ID``) to run; add folders (and files) to remove at the end."""
         self._send("pids " + " ".join(str(p) for p in sorted(pids)))
         self._send("dirs " + "\0".join(sorted(folders)))
         self._send("cancel " + json.dumps(cancel or []))

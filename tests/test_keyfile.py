@@ -119,7 +119,7 @@ def test_the_janitor_removes_the_folder_and_tells_the_watchdog(tmp_path: Path) -
     workdir = janitor.make_workdir()
     folder = keyfile.make_folder(str(tmp_path / "keys"))
     keyfile.write(folder, {"key": "secret"})
-    janitor.add_folder(folder)
+    janitor.add_path(folder)
     assert told[-1] == {workdir, folder}  # the watchdog removes both after a killed kernel
     janitor.clean()
     assert not os.path.exists(folder) and not os.path.exists(workdir)
@@ -138,7 +138,7 @@ def test_the_watchdog_removes_the_folder_after_a_killed_kernel(tmp_path: Path) -
         "from casa_kernel.watchdog import Watchdog\n"
         "watchdog = Watchdog()\n"
         "janitor = Janitor(on_change=watchdog.watch)\n"
-        f"janitor.add_folder({folder!r})\n"
+        f"janitor.add_path({folder!r})\n"
         "print(watchdog.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
