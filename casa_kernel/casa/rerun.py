@@ -1,7 +1,7 @@
 """Exact re-runs of CASA tasks that change a sub-MS in place (server side).
 
 When a server dies, OpenMPI ends the whole MPI world and the dispatcher runs the
-jobs that died again on new servers (``casa_kernel/dispatch.py``). For a job that
+jobs that died again on new servers (``casa_kernel/client/dispatch.py``). For a job that
 reads its sub-MS and writes a new output that is exact. For a job that changes
 its sub-MS in place it is exact only if the task gives the same result on the
 half-changed sub-MS it finds, i.e. if it rewrites what it changes from inputs it
