@@ -60,10 +60,6 @@ from typing import Any
 # running them twice gives the flags of running them once.
 _FLAG_MODES_FROM_METADATA = frozenset({"manual", "unflag", "shadow", "elevation"})
 
-# Tasks CASA runs per sub-MS that change it in place and rewrite what they
-# change from inputs they do not change (see the module docstring).
-IDEMPOTENT_IN_PLACE = frozenset({"applycal", "setjy", "clearcal", "delmod", "initweights"})
-
 _PREFIX = "casa_kernel_rerun_"
 _SUFFIX = ".pickle"
 
@@ -242,9 +238,6 @@ def _only_empty_list(folder: str) -> bool:
         return True
     with open(path) as f:
         return not f.read().strip()
-
-
-_NOT_RUN = object()
 
 
 def run_guarded(
