@@ -65,7 +65,7 @@ MPI_IMPORTERS = (
 )
 _IMAGER_HELPER = "casatasks.private.imagerhelpers.parallel_imager_helper"
 # Where CASA's C++ cube parallelism is switched on (cppparallel); when is
-# casampi_imaging._goes_cpp_parallel (task_tclean's own test: specmode != 'mfs').
+# casampi/cube.py's goes_cpp_parallel (task_tclean's own test: specmode != 'mfs').
 CPP_PARALLEL_TASKS = {
     "tclean": "casatasks.private.task_tclean",
     "deconvolve": "casatasks.private.task_deconvolve",
