@@ -7,10 +7,10 @@ case where the 2-process limit is the same work) run, in turns, as
 - limit: two plain processes at once, each half of the channels (the best 2
   workers can do on this box);
 - client+1, client+2: ``mpiexec -n 2`` / ``-n 3``, rank 0 CASA's cube client
-  (casampi stand-in, as casa_kernel/casampi_cube.py does on the servers), the
+  (casampi stand-in, as casa_kernel/casampi/cube.py does on the servers), the
   others ``synthesisimager().initmpi()``;
 - the same with the launcher's SLEEP_WHEN_IDLE (waiting ranks sleep instead of
-  polling: casa_kernel/launcher.py).
+  polling: casa_kernel/config/mpiexec.py).
 
 Prints wall time and CPU seconds (user+sys) of every rank: CPU a rank spends
 waiting shows up as CPU the working ranks did not get.
@@ -130,7 +130,7 @@ def main() -> None:
 
     casa_env()
     from casa_kernel.casa.simulate import simulate_ms
-    from casa_kernel.launcher import SLEEP_WHEN_IDLE
+    from casa_kernel.config.mpiexec import SLEEP_WHEN_IDLE
 
     root = OUT / f"cube-ranks-{args.nchan}"
     if not (root / "obs.ms").is_dir():
@@ -138,7 +138,7 @@ def main() -> None:
         simulate_ms(root / "obs.ms", nant=12, nchan=args.nchan, nint=120, nscans=4)
     cube = dict(vis="obs.ms", imsize=args.imsize, cell="8arcsec", niter=0, specmode="cube", spw="0")
     base = mpi_env()
-    base["OMP_NUM_THREADS"] = "1"  # the servers' share of a 2-core box (casampi_cube.share_cores)
+    base["OMP_NUM_THREADS"] = "1"  # a 2-core box's share (casampi/cube.py share_cores)
     for name in SLEEP_WHEN_IDLE:
         base.pop(name, None)
     sleeping = {**base, **SLEEP_WHEN_IDLE}

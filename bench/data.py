@@ -60,7 +60,7 @@ def prepare(size: str) -> Data:
     from casatasks import gaincal, partition
     from casatools import ms as mstool
 
-    from casa_kernel.demo import simulate_ms
+    from casa_kernel.casa.simulate import simulate_ms
 
     seconds = {}
     t0 = time.perf_counter()

@@ -25,9 +25,9 @@ from common import interleaved, log, med
 
 
 def start(encrypt: bool) -> tuple[Any, Any, float]:
-    from casa_kernel.config import ClusterConfig
-    from casa_kernel.dispatch import Dispatcher
-    from casa_kernel.lifecycle import CasaCluster
+    from casa_kernel.client.dispatch import Dispatcher
+    from casa_kernel.cluster.lifecycle import CasaCluster
+    from casa_kernel.config.settings import ClusterConfig
 
     config = ClusterConfig.from_options(nprocs=3, preload_casa=False, encrypt=encrypt)
     cluster = CasaCluster(config)

@@ -35,7 +35,7 @@ from p1_casa import _cell_value, _kernel_tools
 TARGET = 1.10
 
 SETUP = """
-from casa_kernel.dispatch import Dispatcher as _BD
+from casa_kernel.client.dispatch import Dispatcher as _BD
 _bcl = casa_cluster.cluster
 _bcl.wait_ready()
 _bdv = _bcl.client[:]

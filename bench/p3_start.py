@@ -142,9 +142,9 @@ def start_timeline() -> dict[str, float]:
 
     import ipyparallel as ipp
 
-    from casa_kernel import servers
-    from casa_kernel.config import ClusterConfig
-    from casa_kernel.lifecycle import CasaCluster
+    from casa_kernel.cluster import servers
+    from casa_kernel.cluster.lifecycle import CasaCluster
+    from casa_kernel.config.settings import ClusterConfig
 
     marks: dict[str, float] = {}
     t0 = [0.0]

@@ -25,9 +25,9 @@ TARGET = 0.50
 
 
 def run(mib: float, repeats: int) -> dict[str, Any]:
-    from casa_kernel.config import ClusterConfig
-    from casa_kernel.dispatch import Dispatcher
-    from casa_kernel.lifecycle import CasaCluster
+    from casa_kernel.client.dispatch import Dispatcher
+    from casa_kernel.cluster.lifecycle import CasaCluster
+    from casa_kernel.config.settings import ClusterConfig
 
     cluster = CasaCluster(ClusterConfig.from_options(nprocs=3))
     try:

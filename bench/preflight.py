@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from casa_kernel import preflight  # noqa: E402
-from casa_kernel.config import ClusterConfig  # noqa: E402
+from casa_kernel.config.settings import ClusterConfig  # noqa: E402
 
 AGENT = '#!/bin/sh\nshift\nexec sh -c "$*"\n'
 

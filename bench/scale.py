@@ -33,9 +33,9 @@ from p3_start import mpiexec_floor
 
 
 def casa_kernel_at(n: int, repeats: int, profile: bool) -> dict[str, Any]:
-    from casa_kernel.config import ClusterConfig
-    from casa_kernel.dispatch import Dispatcher
-    from casa_kernel.lifecycle import CasaCluster
+    from casa_kernel.client.dispatch import Dispatcher
+    from casa_kernel.cluster.lifecycle import CasaCluster
+    from casa_kernel.config.settings import ClusterConfig
 
     cluster = CasaCluster(ClusterConfig.from_options(nprocs=n + 1, start_timeout=900))
     result: dict[str, Any] = {}

@@ -21,11 +21,11 @@ __version__ = "0.1.0"
 # Heavier pieces load on first use: importing casa_kernel stays cheap and
 # never loads ipykernel, ipyparallel or CASA.
 _LAZY = {
-    "CasaKernel": "casa_kernel.kernel",
-    "CasaCluster": "casa_kernel.lifecycle",
-    "ClusterConfig": "casa_kernel.config",
-    "Dispatcher": "casa_kernel.dispatch",
-    "simulate_ms": "casa_kernel.demo",
+    "CasaKernel": "casa_kernel.kernel.kernel",
+    "CasaCluster": "casa_kernel.cluster.lifecycle",
+    "ClusterConfig": "casa_kernel.config.settings",
+    "Dispatcher": "casa_kernel.client.dispatch",
+    "simulate_ms": "casa_kernel.casa.simulate",
 }
 
 

@@ -2,7 +2,7 @@
 
 from ipykernel.kernelapp import IPKernelApp
 
-from casa_kernel.kernel import CasaKernel
+from casa_kernel.kernel.kernel import CasaKernel
 
 if __name__ == "__main__":
     IPKernelApp.launch_instance(kernel_class=CasaKernel)

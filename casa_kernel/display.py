@@ -98,7 +98,7 @@ class StatusTable:
             [html.escape(v) if i != 3 else _state_html(v) for i, v in enumerate(row)]
             for row in self.rows
         ]
-        return f"<p>{html.escape(self.title)}</p>" + _html_table(list(self.columns), rows)
+        return f"<p>{html.escape(self.title)}</p>" + html_table(list(self.columns), rows)
 
 
 # ------------------------------------------------------------------ live progress
@@ -150,7 +150,7 @@ _TABLE_STYLE = (
 _CELL_STYLE = "padding:1px 10px;text-align:left;border-bottom:1px solid #ddd"
 
 
-def _html_table(columns: list[str], rows: list[list[str]]) -> str:
+def html_table(columns: list[str], rows: list[list[str]]) -> str:
     head = "".join(f'<th style="{_CELL_STYLE}">{html.escape(c)}</th>' for c in columns)
     body = "".join(
         "<tr>" + "".join(f'<td style="{_CELL_STYLE}">{cell}</td>' for cell in row) + "</tr>"
@@ -319,7 +319,7 @@ class Progress:
                 [str(r.rank), html.escape(r.host), _state_html(r.state), str(r.pid or "")]
                 for r in self.rows
             ]
-        table = _html_table(columns, rows) if rows else ""
+        table = html_table(columns, rows) if rows else ""
         return f'<div class="casa-kernel-progress"><div>{head}</div>{table}</div>'
 
 
@@ -356,65 +356,3 @@ class StartProgress:
         rows = [ServerRow(s.rank, s.host, "idle", pid=s.pid) for s in servers]
         wall = time.monotonic() - self.started
         self.view.finish(rows, len(rows), wall, "ready" if ok else "failed", shares=False)
-
-
-# ------------------------------------------------------------------ preflight
-
-
-_CHECK_MARKS = {True: ("ok", "#2e7d32"), False: ("FAIL", "#c62828"), None: ("-", "#9e9e9e")}
-
-
-class CheckTable:
-    """``%casa_cluster check``: one row per host, one column per requirement.
-
-    ``rows`` are (host, cells), each cell anything with ``ok`` (True, False or
-    None for not checked) and ``reason``, or None for a requirement not asked;
-    ``notes`` (why each failure, what to do) follow the table.
-    """
-
-    def __init__(
-        self, title: str, columns: Iterable[str], rows: Iterable[Any], notes: Iterable[str] = ()
-    ):
-        self.title = title
-        self.columns = list(columns)
-        self.rows = [(host, list(cells)) for host, cells in rows]
-        self.notes = list(notes)
-
-    @staticmethod
-    def _mark(cell: Any) -> str:
-        return _CHECK_MARKS[None][0] if cell is None else _CHECK_MARKS[cell.ok][0]
-
-    def __repr__(self) -> str:
-        head = ["host", *self.columns]
-        body = [[host, *(self._mark(c) for c in cells)] for host, cells in self.rows]
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-        lines = [self.title]
-        for row in [head, *body]:
-            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-        lines += self.notes
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        def cell_html(cell: Any) -> str:
-            if cell is None:
-                return ""
-            mark, colour = _CHECK_MARKS[cell.ok]
-            reason = html.escape(cell.reason or "")
-            # the reason in full on hover, shortened in the cell
-            short = html.escape(_shorten(cell.reason or "", 40))
-            return (
-                f'<span title="{reason}"><span style="color:{colour};font-weight:bold">'
-                f"{mark}</span> <small>{short}</small></span>"
-            )
-
-        rows = [[html.escape(host), *(cell_html(c) for c in cells)] for host, cells in self.rows]
-        notes = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
-        return (
-            f"<p>{html.escape(self.title)}</p>"
-            + (_html_table(["host", *self.columns], rows) if rows else "")
-            + (f'<ul style="color:#c62828">{notes}</ul>' if notes else "")
-        )
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -2,7 +2,7 @@
 
 pyproject.toml maps ``casa_kernel.notebooks`` onto this directory so the
 notebooks ship in the wheel and resolve through :mod:`importlib.resources`
-(``casa_kernel.demo_runner`` runs ``quickstart.ipynb`` from there). As for
+(``casa_kernel.cli.demo`` runs ``quickstart.ipynb`` from there). As for
 ``kernelspec/``, this ``__init__`` is what makes the mapping work in editable
 installs: setuptools' editable finder only resolves a remapped package that has one.
 """

@@ -33,7 +33,7 @@ def main() -> int:
     apply_to_process(casa_environment(os.path.join(work, "logs")))
     from casatasks import partition
 
-    from casa_kernel.demo import simulate_ms
+    from casa_kernel.casa.simulate import simulate_ms
 
     ms = simulate_ms(os.path.join(work, "s.ms"), nant=6, nchan=16, nint=40, nscans=2)
     mms = os.path.join(work, "s.mms")

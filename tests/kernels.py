@@ -151,7 +151,7 @@ def make_mms(root: str | os.PathLike[str], name: str, **size: int) -> tuple[str,
     """Simulate ``<root>/<name>.ms`` and partition it into a 4-sub-MS Multi-MS."""
     from casatasks import partition
 
-    from casa_kernel.demo import simulate_ms
+    from casa_kernel.casa.simulate import simulate_ms
 
     ms = simulate_ms(os.path.join(root, f"{name}.ms"), **size)
     mms = os.path.join(root, f"{name}.mms")

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from casa_kernel import variables
 from casa_kernel.casa.config import (
-    LOG_DIR_VAR,
-    LOG_TAG_VAR,
     SITECONFIG_VAR,
     apply_to_process,
     casa_environment,
@@ -162,13 +161,13 @@ def test_simulate_logs_into_the_casa_log_not_stderr(
     # A fresh process that never imports casatasks (as a notebook cell might).
     log_dir = tmp_path / "logs"
     code = (
-        "import sys; from casa_kernel.demo import simulate_ms; "
+        "import sys; from casa_kernel.casa.simulate import simulate_ms; "
         f"simulate_ms({str(tmp_path / 't.ms')!r}, size='tiny'); "
         # Twice: routing the tools' log twice would crash the process.
         f"simulate_ms({str(tmp_path / 'u.ms')!r}, size='tiny'); "
         "assert 'casatasks' not in sys.modules"
     )
-    env = {**os.environ, **casa_env, LOG_DIR_VAR: str(log_dir)}
+    env = {**os.environ, **casa_env, variables.LOG_DIR: str(log_dir)}
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -189,7 +188,7 @@ def test_simulate_rejects_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_demo_reexports_simulate_ms() -> None:
-    import casa_kernel.demo as demo
+    import casa_kernel.casa.simulate as demo
 
     assert demo.simulate_ms is simulate_ms
     assert demo.__all__ == ["simulate_ms"]
@@ -406,7 +405,8 @@ def test_site_config_as_casaconfig_reads_it(
     text = Path(packaged_siteconfig()).read_text()
 
     def run(**env: str) -> dict[str, Any]:
-        for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", LOG_DIR_VAR, LOG_TAG_VAR):
+        ranks = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+        for name in (*ranks, variables.LOG_DIR, variables.LOG_TAG):
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -451,7 +451,7 @@ def test_casa_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     env = casa_environment("relative/logs")
     assert env == {
         SITECONFIG_VAR: packaged_siteconfig(),
-        LOG_DIR_VAR: os.path.join(os.getcwd(), "relative", "logs"),
+        variables.LOG_DIR: os.path.join(os.getcwd(), "relative", "logs"),
     }
     assert os.path.isabs(env[SITECONFIG_VAR]) and os.path.isfile(env[SITECONFIG_VAR])
 
@@ -466,7 +466,7 @@ def test_casa_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_default_log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(LOG_DIR_VAR, raising=False)
+    monkeypatch.delenv(variables.LOG_DIR, raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     path = default_log_dir()
     assert path == str(tmp_path / "state" / "casa-kernel" / "logs")
@@ -476,7 +476,7 @@ def test_default_log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_log_dir() == str(tmp_path / "home" / ".local" / "state" / "casa-kernel" / "logs")
 
-    monkeypatch.setenv(LOG_DIR_VAR, str(tmp_path / "chosen"))
+    monkeypatch.setenv(variables.LOG_DIR, str(tmp_path / "chosen"))
     assert default_log_dir() == str(tmp_path / "chosen")
     assert os.path.isdir(tmp_path / "chosen")
 
@@ -497,7 +497,7 @@ def test_apply_to_process_warns_when_too_late(monkeypatch: pytest.MonkeyPatch) -
 
 def test_importing_casa_kernel_does_not_load_casatools(casa_env: dict[str, str]) -> None:
     code = (
-        "import sys, casa_kernel, casa_kernel.demo, casa_kernel.casa.config, "
+        "import sys, casa_kernel, casa_kernel.casa.simulate, casa_kernel.casa.config, "
         "casa_kernel.casa.logs, casa_kernel.casa.merge, casa_kernel.casa.simulate; "
         "print(sorted(m for m in sys.modules if m.startswith(('casatools', 'casatasks', "
         "'casaconfig'))))"

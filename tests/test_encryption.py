@@ -20,8 +20,8 @@ import pytest
 from kernels import execute, kernel_env, running_kernel
 from test_multihost import run_in_namespaces
 
-from casa_kernel import encryption
-from casa_kernel.config import ClusterConfig
+from casa_kernel.cluster import encryption
+from casa_kernel.config.settings import ClusterConfig
 from casa_kernel.errors import ClusterError
 
 DRIVER = Path(__file__).resolve().parent / "multihost" / "capture_driver.py"

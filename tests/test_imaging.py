@@ -197,7 +197,8 @@ def test_mfs_parallel_hogbom_natural_equals_serial(root, kernel):
 
 def test_continuum_progress_names_each_servers_step():
     """What a server's job reads as in the live table (pure: no servers needed)."""
-    from casa_kernel import casampi_imaging, progress
+    from casa_kernel.casampi import imaging as casampi_imaging
+    from casa_kernel.client import progress
 
     with progress.operation("tclean") as op:
         casampi_imaging._note_stage("toolsi.makepsf()")
@@ -537,7 +538,7 @@ def test_contract_every_casampi_name_casatasks_uses_is_served():
     """Scan casatasks' source: every casampi attribute it reads must exist here."""
     import casatasks
 
-    from casa_kernel import bridge
+    from casa_kernel.casampi import bridge
 
     source_dir = Path(casatasks.__file__).parent
     used: dict[str, set[str]] = {"env": set(), "client": set(), "core": set(), "iface": set()}

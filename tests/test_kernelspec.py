@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from casa_kernel import kernelspec
+from casa_kernel import variables
 from casa_kernel.cli import main
 from casa_kernel.errors import HostfileError, PlacementError
-from casa_kernel.kernelspec import (
+from casa_kernel.kernel import kernelspec
+from casa_kernel.kernel.kernelspec import (
     ASSETS_PACKAGE,
-    ENV_HOSTFILE,
-    ENV_MPIEXEC,
-    ENV_NPROCS,
     LOGOS,
     KernelSpecError,
 )
@@ -188,23 +186,23 @@ def test_get_kernel_dict_default_records_no_size() -> None:
 
 def test_get_kernel_dict_cluster_keys_override_env(tmp_path: Path) -> None:
     spec = kernelspec.get_kernel_dict(
-        nprocs=4, env={ENV_NPROCS: "99", ENV_HOSTFILE: "/stale", "OMP_NUM_THREADS": "1"}
+        nprocs=4, env={variables.NPROCS: "99", variables.HOSTFILE: "/stale", "OMP_NUM_THREADS": "1"}
     )
-    assert spec["env"] == {ENV_NPROCS: "4", "OMP_NUM_THREADS": "1"}
+    assert spec["env"] == {variables.NPROCS: "4", "OMP_NUM_THREADS": "1"}
 
 
 def test_hostfile_alone_uses_every_slot_and_records_no_count(tmp_path: Path) -> None:
     hosts = write_hostfile(tmp_path / "hosts.txt")
     spec = kernelspec.get_kernel_dict(hostfile=str(hosts))
     # No N: the kernel places on all slots at start, as mpicasa without -n.
-    assert spec["env"] == {ENV_HOSTFILE: str(hosts)}
+    assert spec["env"] == {variables.HOSTFILE: str(hosts)}
 
 
 def test_write_kernel_spec_to_temp_dir() -> None:
     path = Path(kernelspec.write_kernel_spec(nprocs=2))
     try:
         assert sorted(p.name for p in path.iterdir()) == sorted(["kernel.json", *LOGOS])
-        assert json.loads((path / "kernel.json").read_text())["env"] == {ENV_NPROCS: "2"}
+        assert json.loads((path / "kernel.json").read_text())["env"] == {variables.NPROCS: "2"}
         assert_logos_installed(path)
     finally:
         shutil.rmtree(path.parent)
@@ -248,8 +246,8 @@ def test_install_sys_prefix_uses_sys_prefix(
 
 
 def test_spec_env_is_what_the_kernel_reads(tmp_path: Path) -> None:
-    """The contract with casa_kernel.config: its reader accepts what install writes."""
-    from casa_kernel.config import ClusterConfig
+    """The contract with casa_kernel.config.settings: its reader accepts what install writes."""
+    from casa_kernel.config.settings import ClusterConfig
 
     hosts = write_hostfile(tmp_path / "hosts.txt")
     mpiexec = fake_mpiexec(tmp_path / "bin" / "mpiexec")
@@ -350,7 +348,7 @@ def test_install_cluster_options_and_custom_name(tmp_path: Path, sandbox: dict[s
     args += ["--mpiexec", "site/bin/mpiexec"]
     proc = run_cli(args, sandbox, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"{ENV_HOSTFILE}={tmp_path / 'hosts.txt'}" in proc.stdout
+    assert f"{variables.HOSTFILE}={tmp_path / 'hosts.txt'}" in proc.stdout
 
     assert run_cli(["install", "--prefix", str(prefix)], sandbox).returncode == 0
 
@@ -360,9 +358,9 @@ def test_install_cluster_options_and_custom_name(tmp_path: Path, sandbox: dict[s
     assert big["display_name"] == "CASA big"
     assert big["argv"] == EXPECTED_ARGV
     assert big["env"] == {
-        ENV_NPROCS: "5",
-        ENV_HOSTFILE: str(tmp_path / "hosts.txt"),
-        ENV_MPIEXEC: str(mpiexec),
+        variables.NPROCS: "5",
+        variables.HOSTFILE: str(tmp_path / "hosts.txt"),
+        variables.MPIEXEC: str(mpiexec),
     }
     assert specs["casa-mpi"]["spec"]["env"] == {}
     assert_logos_installed(kernel_dir(prefix, "casa-big"))
@@ -373,7 +371,7 @@ def test_reinstall_replaces(tmp_path: Path, sandbox: dict[str, str]) -> None:
     assert main(["install", "--prefix", str(prefix), "-n", "3"]) == 0
     assert main(["install", "--prefix", str(prefix), "-n", "4"]) == 0
     spec = jupyter_kernelspecs(prefix, sandbox)["casa-mpi"]["spec"]
-    assert spec["env"] == {ENV_NPROCS: "4"}
+    assert spec["env"] == {variables.NPROCS: "4"}
 
 
 def test_mpiexec_bare_name_is_resolved_on_path(
@@ -384,7 +382,7 @@ def test_mpiexec_bare_name_is_resolved_on_path(
     prefix = tmp_path / "prefix"
     assert main(["install", "--prefix", str(prefix), "--mpiexec", "site-mpiexec"]) == 0
     spec = json.loads((kernel_dir(prefix) / "kernel.json").read_text())
-    assert spec["env"][ENV_MPIEXEC] == str(site)
+    assert spec["env"][variables.MPIEXEC] == str(site)
 
 
 def test_main_in_process_success(
@@ -396,7 +394,7 @@ def test_main_in_process_success(
     out = capsys.readouterr().out
     assert f"Installed kernelspec casa-mpi in {kernel_dir(prefix)}" in out
     spec = json.loads((kernel_dir(prefix) / "kernel.json").read_text())
-    assert spec["env"] == {ENV_HOSTFILE: str(hosts)}
+    assert spec["env"] == {variables.HOSTFILE: str(hosts)}
     assert spec["argv"] == EXPECTED_ARGV
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from casa_kernel import keyfile
-from casa_kernel.config import ClusterConfig
+from casa_kernel.cluster import keyfile
+from casa_kernel.cluster.janitor import Janitor
+from casa_kernel.config.settings import ClusterConfig
 from casa_kernel.errors import ClusterError
-from casa_kernel.janitor import Janitor
 
 
 def mode(path: Path | str) -> int:
@@ -134,8 +134,8 @@ def test_the_watchdog_removes_the_folder_after_a_killed_kernel(tmp_path: Path) -
     keyfile.write(folder, {"key": "secret"})
     code = (
         "import os, signal\n"
-        "from casa_kernel.janitor import Janitor\n"
-        "from casa_kernel.watchdog import Watchdog\n"
+        "from casa_kernel.cluster.janitor import Janitor\n"
+        "from casa_kernel.cluster.watchdog import Watchdog\n"
         "watchdog = Watchdog()\n"
         "janitor = Janitor(on_change=watchdog.watch)\n"
         f"janitor.add_path({folder!r})\n"

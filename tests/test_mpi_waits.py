@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from casa_kernel.config import find_mpiexec
-from casa_kernel.launcher import LaunchSpec, mpiexec_command, running_as_root
+from casa_kernel.config.mpiexec import LaunchSpec, mpiexec_command, running_as_root
+from casa_kernel.config.settings import find_mpiexec
 
 # rank 1 waits in a receive while rank 0 sleeps; it reports what its MPI saw
 WAITING_RANK = """

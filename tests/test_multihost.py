@@ -31,7 +31,7 @@ import psutil
 import pytest
 from kernels import cluster_processes, wait_gone
 
-from casa_kernel.janitor import reap
+from casa_kernel.cluster.janitor import reap
 
 DRIVER = Path(__file__).resolve().parent / "multihost" / "driver.py"
 HOSTFILE = "orion slots=2\nantares slots=3\n"

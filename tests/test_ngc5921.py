@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from kernels import wait_gone
 
-from casa_kernel import demo_runner
+from casa_kernel.cli import demo as demo_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "ngc5921.ipynb"

@@ -17,25 +17,27 @@ from typing import Any
 import pytest
 
 from casa_kernel import preflight
-from casa_kernel.config import ClusterConfig
+from casa_kernel.config.settings import ClusterConfig
 from casa_kernel.errors import CasaKernelError, ClusterError, PreflightError
-from casa_kernel.preflight import (
+from casa_kernel.preflight.agent import (
     NO_PYTHON,
     REACHED,
-    REQUIREMENTS,
     Agent,
+    agent_command,
+    find_agent,
+    remote_line,
+)
+from casa_kernel.preflight.judge import (
+    REQUIREMENTS,
     Check,
     Context,
     Outcome,
-    Report,
-    agent_command,
-    find_agent,
     judge,
     parse_output,
-    remote_line,
-    seed_env_paths,
 )
-from casa_kernel.preflight_probe import TAG, collect, decode_request, encode_request
+from casa_kernel.preflight.probe import TAG, collect, decode_request, encode_request
+from casa_kernel.preflight.report import Report
+from casa_kernel.preflight.run import seed_env_paths
 
 # ------------------------------------------------------------------ the agent
 
@@ -474,7 +476,7 @@ def test_judge_inside_a_job_does_not_check_ssh() -> None:
                 1,
                 f"{REACHED}\n",
                 "/venv/bin/python: Error while finding module specification for "
-                "'casa_kernel.preflight_probe' (ModuleNotFoundError: No module named "
+                "'casa_kernel.preflight.probe' (ModuleNotFoundError: No module named "
                 "'casa_kernel')\n",
             ),
             [("python", True, "3.11.2"), ("casa-kernel", False, "/venv/bin/python cannot import")],
@@ -799,7 +801,7 @@ def test_job_output_shown_to_the_user_is_mpiexec_s_alone() -> None:
 
 
 def test_job_preflight_is_only_for_servers_from_the_queue() -> None:
-    from casa_kernel.batch import parse_batch_spec
+    from casa_kernel.config.batch import parse_batch_spec
 
     assert preflight.for_job(ClusterConfig.from_options(nprocs=3)) is None
     queued = ClusterConfig.from_options(batch=parse_batch_spec("slurm", 2))
@@ -818,7 +820,7 @@ def test_job_preflight_runs_in_a_job_script_for_real(
     """PBS's lines run by sh, ``pbsdsh -u`` being this machine (no PBS here):
     the real probe on the 'node', its quoting through sh -c, the kernel's
     judging of the output; then one node that lacks the folder."""
-    from casa_kernel.batch import parse_batch_spec
+    from casa_kernel.config.batch import parse_batch_spec
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

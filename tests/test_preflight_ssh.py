@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from casa_kernel import preflight
-from casa_kernel.config import ClusterConfig
+from casa_kernel.config.settings import ClusterConfig
 
 SSHD = "/usr/sbin/sshd"
 HOST = "antares-ssh"

@@ -19,8 +19,8 @@ import psutil
 import pytest
 from kernels import wait_gone
 
-from casa_kernel import demo_runner
 from casa_kernel.casa.simulate import SIZES, expected_rows
+from casa_kernel.cli import demo as demo_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 CASA_KERNEL = Path(sys.executable).parent / "casa-kernel"

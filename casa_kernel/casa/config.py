@@ -16,13 +16,13 @@ It is assembled from, in this order, each one overriding the previous:
 :func:`casa_environment` points ``CASASITECONFIG`` at the site config packaged with
 casa-kernel (``casa_kernel/resources/casasiteconfig.py``): measures and data from the
 ``casadata`` wheel, no automatic updates, no GUI, and one log file per process in
-``CASA_KERNEL_LOG_DIR`` (``casa-<host>-client.log`` for the kernel,
+the folder ``variables.LOG_DIR`` names (``casa-<host>-client.log`` for the kernel,
 ``casa-<host>-rank<R>.log`` for the server of MPI rank R).
 
 The user's ``~/.casa/config.py`` is still read after it, in the kernel and on every
 server, and whatever it sets wins: a ``measurespath`` without data, automatic updates
 (the network), or a ``logfile`` elsewhere all undo part of the offline setup.  A user
-config can tell it runs under casa-kernel by ``"CASA_KERNEL_LOG_DIR" in os.environ``.
+config can tell it runs under casa-kernel by that variable being set (``variables.LOG_DIR``).
 A ``CASASITECONFIG`` the user set already is kept, since it is how a site points CASA
 at its own data; it then replaces the packaged file entirely (its ``logfile`` too).
 """
@@ -37,11 +37,11 @@ import warnings
 from collections.abc import Mapping
 from importlib import resources
 
+from casa_kernel import variables
+
 SITECONFIG_VAR = "CASASITECONFIG"
-LOG_DIR_VAR = "CASA_KERNEL_LOG_DIR"
 # Names one kernel's log files (``kernel<pid>``): notebooks running at the same
 # time on one machine must not share them, or one relays the other's errors.
-LOG_TAG_VAR = "CASA_KERNEL_LOG_TAG"
 
 
 def packaged_siteconfig() -> str:
@@ -79,13 +79,13 @@ def state_home(environ: Mapping[str, str], home: str | None = None) -> str:
 def default_log_dir() -> str:
     """The folder for CASA's log files, created (mode 0700) if missing.
 
-    ``$CASA_KERNEL_LOG_DIR`` if set; else ``$XDG_STATE_HOME/casa-kernel/logs``
+    The folder ``variables.LOG_DIR`` names if set; else ``$XDG_STATE_HOME/casa-kernel/logs``
     (logs are state in the XDG sense: kept across runs, not important enough for
     ``$XDG_DATA_HOME``), ``$XDG_STATE_HOME`` defaulting to ``~/.local/state``.
     If that cannot be created (read-only or missing home), a per-user folder
     under the temp dir.  Never the current directory.
     """
-    configured = os.environ.get(LOG_DIR_VAR)
+    configured = os.environ.get(variables.LOG_DIR)
     if configured:
         return _private_dir(os.path.abspath(os.path.expanduser(configured)))
     try:
@@ -107,7 +107,7 @@ def logfile_path(
 
     ``rank=None`` is the kernel (``casa-<host>-client.log``), otherwise the server of
     that MPI rank (``casa-<host>-rank<R>.log``); a kernel's ``tag`` (``kernel<pid>``,
-    from ``CASA_KERNEL_LOG_TAG``) goes before the role: ``casa-<host>-<tag>-rank<R>.log``.
+    from ``variables.LOG_TAG``) goes before the role: ``casa-<host>-<tag>-rank<R>.log``.
     ``host`` defaults to this machine; the short name is used, as in the site
     config.  On a running process ``casatasks.casalog.logfile()`` is the authority.
     """
@@ -122,7 +122,7 @@ def casa_environment(log_dir: str, tag: str | None = None) -> dict[str, str]:
     """Environment variables for the kernel and every server so that CASA runs offline.
 
     Returns ``CASASITECONFIG`` (the packaged site config, or the user's own if it is
-    already set to a file casaconfig can read) and ``CASA_KERNEL_LOG_DIR`` (absolute,
+    already set to a file casaconfig can read) and ``variables.LOG_DIR`` (absolute,
     so servers with another working directory agree).  The kernel applies them to
     itself with :func:`apply_to_process` and passes them to mpiexec for the servers.
     Nothing is created here: the site config creates the log folder in each process.
@@ -143,10 +143,10 @@ def casa_environment(log_dir: str, tag: str | None = None) -> dict[str, str]:
             )
     env = {
         SITECONFIG_VAR: site,
-        LOG_DIR_VAR: os.path.abspath(os.path.expanduser(log_dir)),
+        variables.LOG_DIR: os.path.abspath(os.path.expanduser(log_dir)),
     }
     if tag:
-        env[LOG_TAG_VAR] = tag
+        env[variables.LOG_TAG] = tag
     return env
 
 

@@ -55,7 +55,7 @@ def merge_results(per_submms: Mapping[str, object], taskname: str) -> object:
         return None
 
     # Lazy: importing casatasks loads casatools (and reads CASA's configuration).
-    from casa_kernel.bridge import parallel_task_helper
+    from casa_kernel.casa.private import parallel_task_helper
 
     helper = parallel_task_helper()  # casatasks' ParallelTaskHelper
 

@@ -1,7 +1,7 @@
 """Exact re-runs of CASA tasks that change a sub-MS in place (server side).
 
 When a server dies, OpenMPI ends the whole MPI world and the dispatcher runs the
-jobs that died again on new servers (``casa_kernel/dispatch.py``). For a job that
+jobs that died again on new servers (``casa_kernel/client/dispatch.py``). For a job that
 reads its sub-MS and writes a new output that is exact. For a job that changes
 its sub-MS in place it is exact only if the task gives the same result on the
 half-changed sub-MS it finds, i.e. if it rewrites what it changes from inputs it
@@ -59,10 +59,6 @@ from typing import Any
 # flagdata modes that set flags from metadata only (antenna, time, geometry):
 # running them twice gives the flags of running them once.
 _FLAG_MODES_FROM_METADATA = frozenset({"manual", "unflag", "shadow", "elevation"})
-
-# Tasks CASA runs per sub-MS that change it in place and rewrite what they
-# change from inputs they do not change (see the module docstring).
-IDEMPOTENT_IN_PLACE = frozenset({"applycal", "setjy", "clearcal", "delmod", "initweights"})
 
 _PREFIX = "casa_kernel_rerun_"
 _SUFFIX = ".pickle"
@@ -242,9 +238,6 @@ def _only_empty_list(folder: str) -> bool:
         return True
     with open(path) as f:
         return not f.read().strip()
-
-
-_NOT_RUN = object()
 
 
 def run_guarded(

@@ -37,8 +37,8 @@ _NOISE = [
 _quietened = False
 
 # Tasks the kernel runs its own way while a cluster is up (tclean's cubes...):
-# name -> route(task, args, kwargs). Filled by casa_kernel.bridge, which lives
-# above dispatch; casa/ only knows that a route may exist.
+# name -> route(task, args, kwargs). Filled by casa_kernel.casampi.bridge, which lives
+# above casa/ (the ladder); casa/ only knows that a route may exist.
 routes: dict[str, Any] = {}
 
 
@@ -87,7 +87,7 @@ def preload() -> None:
     Safe in a thread: :func:`_casatasks` imports numpy before casatools.
     """
     _casatasks()
-    from casa_kernel.bridge import DATA_HELPER, TASK_HELPER
+    from casa_kernel.casa.private import DATA_HELPER, TASK_HELPER
 
     # the modules casatasks' parallel layer is made of (they read the bridge)
     importlib.import_module(TASK_HELPER)

@@ -12,7 +12,7 @@ out (they carry the cell and its result by design); everything else -- client
 Prints JSON lines like ``driver.py``: ``kernel_pid``, ``parallel``, ``status``,
 ``files`` (modes of the private folder and the connection files), ``keyfiles``
 (what was seen in the shared key folder while servers started, with modes,
-see casa_kernel/keyfile.py), ``keys_while_running``,
+see casa_kernel/cluster/keyfile.py), ``keys_while_running``,
 ``capture`` (what was found where), ``left``, ``keys_left`` (what is still in
 the shared key folder after the kernel's shutdown).
 """

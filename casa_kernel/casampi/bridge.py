@@ -1,0 +1,176 @@
+"""Serve casatasks' parallel layer from the ipyparallel servers: the casampi surface.
+
+casatasks reaches MPI servers through ``casampi``, which it imports inside
+``try`` blocks of private modules. We serve the part of casampi it uses, IN THE
+KERNEL PROCESS ONLY, through ``sys.modules`` (``install``), so CASA's own job
+generation, output assembly, result consolidation and parallel imagers run
+unchanged, and the servers run the pieces:
+
+- ``MPIEnvironment`` / ``MPICommandClient`` (casampi/tasks.py): ParallelTaskHelper
+  and ParallelDataHelper (one job per sub-MS of a Multi-MS).
+- ``MPIInterface`` (casampi/imaging.py): tclean's continuum imager
+  (``specmode='mfs'``, ``parallel=True``): string commands (``toolsi.makepsf()``...)
+  run in the servers' namespace, every server gridding its share of the data.
+- Cubes (casampi/cube.py in the kernel, server/cube.py on the servers; tclean
+  with every specmode but ``mfs``; deconvolve and sdintimaging where CASA
+  parallelises them): CASA's C++ channel parallelism needs its client inside the
+  servers' MPI world, which the kernel is not. So the call runs on server rank 0
+  as that client (casampi stand-in patched into the task's module there) while
+  the other servers serve it from ``synthesisimager().initmpi()``; the images
+  are CASA's own, equal to serial. Below ``MIN_CUBE_SERVERS`` (one worker only)
+  cubes run serially in the kernel.
+
+Why not a real ``casampi``: with it installed, ``import casatasks`` under
+mpiexec turns every rank > 0 into a casampi server and never returns.
+
+casatasks' private names (module names, flags, the release checked at import)
+are in casa_kernel/casa/private.py, the fence; here are casampi's own forms: its
+server numbering, the command forms (``'<task>()'`` with parameters, ``'push'``,
+Python strings) and response fields (``successful``, ``ret``, ``traceback``,
+``parameters``, ``command``, ``server``). The served classes (in the other
+casampi/ modules, re-exported here) carry the casampi attributes:
+tests/test_imaging.py scans casatasks' source and fails when one it uses is not
+served.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+from casa_kernel.casa.private import CPP_PARALLEL_TASKS, MPI_IMPORTERS
+from casa_kernel.errors import ClusterError, RemoteError
+
+_session: Any = None  # the kernel's ClusterSession
+
+
+# -- casampi numbering ---------------------------------------------------------
+# casampi numbers servers 1..N (rank 0 is its client); ours are ranks 0..N-1 of
+# the servers' own world. These two functions are the only place that converts.
+
+
+def server_of(rank: int) -> int:
+    return rank + 1
+
+
+def rank_of(server: int) -> int:
+    return server - 1
+
+
+def _server_ranks() -> list[int]:
+    cluster = _session.cluster if _session is not None else None
+    if cluster is None:
+        return []
+    return [server_of(r) for r in range(cluster.config.nservers)]
+
+
+def _cluster() -> Any:
+    if _session is None:
+        raise ClusterError("casa-kernel's bridge is not installed")
+    return _session.require()
+
+
+def _active() -> bool:
+    return _session is not None and _session.active
+
+
+# -- casampi's commands and responses -------------------------------------------
+
+PUSH = "push"  # bind the parameters in the targets' namespace
+
+
+def task_of(command: str) -> str:
+    """The task a ``'<task>()'`` command runs ('' for any other command)."""
+    return command[:-2] if command.endswith("()") else ""
+
+
+def response(
+    request_id: int,
+    command: str,
+    parameters: Any,
+    value: Any,
+    failure: Any,
+    server: int | None,
+    host: str | None,
+) -> dict[str, Any]:
+    """One request's response, as casampi's client returns it."""
+    return {
+        "id": request_id,
+        "command": command,
+        "parameters": parameters,
+        "successful": failure is None,
+        "ret": value,
+        "traceback": failure.traceback if failure else None,
+        "failure": failure,
+        "server": server,
+        "host": host,
+        "mode": "eval",
+    }
+
+
+def raise_failures(responses: list[dict[str, Any]]) -> None:
+    failures = [r["failure"] for r in responses if not r["successful"]]
+    if failures:
+        raise RemoteError(failures)
+
+
+def values_by_server(responses: list[dict[str, Any]]) -> dict[int, Any]:
+    return {r["server"]: r["ret"] for r in responses}
+
+
+def value_of(response: dict[str, Any]) -> Any:
+    return response["ret"]
+
+
+# -- installation -------------------------------------------------------------
+
+# The served classes live above this module (they use the dispatcher); tests and
+# callers may still name them here.
+_SERVED = {
+    "MPIEnvironment": "casa_kernel.casampi.tasks",
+    "MPICommandClient": "casa_kernel.casampi.tasks",
+    "MPIInterface": "casa_kernel.casampi.imaging",
+    "_InterfaceCore": "casa_kernel.casampi.imaging",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVED:
+        return getattr(importlib.import_module(_SERVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def install(session: Any) -> None:
+    """Make ``import casampi...`` in this process find our client surface, and
+    route the notebook's imaging tasks.
+
+    Must run before casatasks' parallel helpers are imported; refuses to run
+    after, since they would already have decided there is no MPI.
+    """
+    from casa_kernel.casa import tasks as casa_tasks
+    from casa_kernel.casampi import imaging, tasks
+
+    global _session
+    _session = session
+    for name in MPI_IMPORTERS:
+        helper = sys.modules.get(name)
+        if helper is not None and not getattr(helper, "mpi_available", False):
+            raise ClusterError(f"{name} was imported before casa-kernel's bridge was installed")
+    package = types.ModuleType("casampi")
+    package.__path__ = []  # a package, so `import casampi.X` looks in sys.modules
+    package.__doc__ = "casa-kernel's stand-in for casampi's client API (kernel process only)"
+    modules = {
+        "MPIEnvironment": tasks.MPIEnvironment,
+        "MPICommandClient": tasks.MPICommandClient,
+        "MPIInterface": imaging.MPIInterface,
+    }
+    sys.modules["casampi"] = package
+    for attr, cls in modules.items():
+        module = types.ModuleType(f"casampi.{attr}")
+        setattr(module, attr, cls)
+        setattr(package, attr, module)
+        sys.modules[f"casampi.{attr}"] = module
+    for name in CPP_PARALLEL_TASKS:
+        casa_tasks.routes[name] = imaging.route_imaging(name)

@@ -1,0 +1,116 @@
+"""The servers' launcher: ONE ``mpiexec`` whose whole command line is built here.
+
+:func:`~casa_kernel.config.mpiexec.mpiexec_command` is pure (a test checks the list
+and the environment without starting anything); :class:`CasaEngineSetLauncher` is ipyparallel's
+``MPIEngineSetLauncher`` with that builder, and with mpiexec's output kept for
+our messages and a log file instead of dumped into the notebook. What mpiexec
+says when a rank dies is read by :func:`death_cause`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ipyparallel.cluster.launcher import MPIEngineSetLauncher
+from traitlets import Bool, List, Unicode
+
+from casa_kernel.config.mpiexec import LaunchSpec, mpiexec_command, running_as_root
+
+# The controller's default 3 s heartbeat makes engine registration take ~6 s;
+# 500 ms brings a 4-engine start to ~2.5 s. Twenty misses (10 s) before an
+# engine is declared dead keeps oversubscribed or busy engines from being
+# dropped while still noticing a stopped (SIGSTOP) server.
+# No task database in the controller (NoDB): its default DictDB keeps every
+# request and reply (culled past 1,024 by sorting them all) for hub queries
+# (get_result of another client, resubmit) that casa-kernel never makes; without
+# it the controller holds nothing per task in a long session and uses ~8 % less
+# CPU per cell (stress/long_session.py, README "Long sessions").
+CONTROLLER_ARGS = [
+    "--HeartMonitor.period=500",
+    "--HeartMonitor.max_heartmonitor_misses=20",
+    "--IPController.db_class=ipyparallel.controller.dictdb.NoDB",
+]
+
+# The servers' stdout/stderr: what Python writes goes to the cell. C-level
+# output (fd 1/2) is not captured: CASA echoes every WARN/SEVERE there AND logs
+# it, and the log is relayed (whole lines, known noise dropped, see
+# casa/logs.py), so capturing both printed each message twice, garbled. What C
+# code prints otherwise ends in mpiexec's output, kept in the cluster log file.
+# (The class is imported on the servers: it lives with what runs there.)
+ENGINE_ARGS = ["--IPEngine.out_stream_factory=casa_kernel.server.output.ServerOutStream"]
+
+
+class CasaEngineSetLauncher(MPIEngineSetLauncher):
+    """ipyparallel's MPI engine set, with our command line and quiet output."""
+
+    hostfile = Unicode("", config=True, help="hostfile of the servers")
+    all_local = Bool(True, config=True, help="every server runs on this machine")
+    extra_mpi_args = List([], config=True, help="site flags appended to mpiexec's")
+    output_log = Unicode("", config=True, help="file that keeps mpiexec's output")
+
+    def _spec(self) -> LaunchSpec:
+        return LaunchSpec(
+            self.mpi_cmd[0], self.n, self.hostfile, self.all_local, tuple(self.extra_mpi_args)
+        )
+
+    def get_env(self) -> dict[str, str]:
+        env = dict(super().get_env())
+        _, added = mpiexec_command(self._spec(), [], {**os.environ, **env}, running_as_root())
+        return {**env, **added}
+
+    def find_args(self) -> list[str]:
+        environ = {**os.environ, **super().get_env()}
+        argv, _ = mpiexec_command(
+            self._spec(), self.program + self.program_args, environ, running_as_root()
+        )
+        return argv
+
+    def get_output(self, remove: bool = False) -> str:
+        # ipyparallel caches the first read: a read during the start would hide
+        # what mpiexec says when it ends. Read the file each time instead.
+        self._output = None
+        return str(super().get_output(remove=remove))
+
+    def _log_output(self, stop_data: Any = None) -> None:
+        # ipyparallel logs the whole output at WARNING when mpiexec ends badly,
+        # which lands in the notebook; keep it in a file and for our messages.
+        self.final_output = self.get_output(remove=False)
+        if self.output_log and self.final_output:
+            with open(self.output_log, "a") as f:
+                f.write(f"--- mpiexec {self.identifier} ended: {stop_data}\n")
+                f.write(self.final_output)
+
+    final_output = ""
+
+
+# prterun wraps its message: "process rank 1 with PID 0 on node vm exited on\nsignal 9 (Killed)."
+_SIGNALLED = re.compile(
+    r"rank\s+(?P<rank>\d+)\s+with\s+PID\s+(?P<pid>\d+)\s+on\s+node\s+(?P<host>\S+)\s+"
+    r"exited\s+on\s+signal\s+(?P<signal>\d+)(?:\s+\((?P<name>[^)]*)\))?"
+)
+# "Process name: [prterun-vm-7972@1,1]\n   Exit code:    3"
+_EXITED = re.compile(r"Process name:\s*\[[^\]]*?,(?P<rank>\d+)\]\s*Exit code:\s*(?P<code>-?\d+)")
+
+
+def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
+    """'server rank 1 on vm died of signal 9 (Killed)' from mpiexec's words.
+
+    ``hosts`` (rank -> host) names the host when mpiexec does not.
+    """
+    hosts = hosts or {}
+    match = _SIGNALLED.search(output)
+    if match:
+        name = f" ({match['name']})" if match["name"] else ""
+        return (
+            f"server rank {match['rank']} on {match['host']} died of signal {match['signal']}{name}"
+        )
+    match = _EXITED.search(output)
+    if match:
+        rank = int(match["rank"])
+        host = hosts.get(rank)
+        where = f" on {host}" if host else ""
+        return f"server rank {rank}{where} exited with code {match['code']}"
+    return "a server died (mpiexec ended the MPI job)"

@@ -1,0 +1,278 @@
+"""Cluster lifecycle: one ipyparallel controller plus ONE ``mpiexec`` engine set.
+
+The kernel is the client (mpicasa's rank 0); the servers are ipyparallel engines
+started by :class:`~casa_kernel.cluster.launcher.CasaEngineSetLauncher`, so they form
+one MPI world and engine id == MPI rank (until servers are replaced).
+
+Async first: the work is done by coroutines (``start_async``, ``replace_async``,
+``stop_async``) on one private event loop in a daemon thread, so the kernel's
+own loop is never blocked; the kernel's thread calls their twins (``start``,
+which returns at once, ``wait_ready``, ``replace``, ``stop``), which schedule
+them and wait with a deadline. The state
+is a :class:`State` changed in one place, under a lock. When the engine set
+stops on its own (a server died, between cells or during one), ipyparallel's
+stop event starts a replacement at once, on the same controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from casa_kernel import preflight, variables
+from casa_kernel.cluster import ipp_cluster, servers
+from casa_kernel.cluster.janitor import Janitor
+from casa_kernel.cluster.state import State
+from casa_kernel.config.settings import ClusterConfig
+from casa_kernel.errors import ClusterError, PreflightError
+
+log = logging.getLogger("casa_kernel.cluster")
+
+# How long a dying mpiexec gets to say why (its words name the rank and signal).
+DEATH_REPORT_WAIT = 5.0
+STOP_TIMEOUT = 30.0
+
+
+ServerInfo = servers.ServerInfo
+
+
+class PrivateLoop:
+    """An asyncio loop in a daemon thread: ipyparallel's coroutines run there,
+    so the kernel's own loop is never blocked."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="casa-kernel-cluster", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class CasaCluster:
+    """Start, watch, replace and stop one controller + one mpiexec engine set."""
+
+    def __init__(self, config: ClusterConfig, *, env: Mapping[str, str] | None = None):
+        self.config = config
+        self.extra_env = dict(env or {})
+        self._lock = threading.Lock()
+        self._state = State.STOPPED
+        self._ready = concurrent.futures.Future()  # resolved with the client when RUNNING
+        self.error: BaseException | None = None
+        self.note = "not started"  # what the cluster is doing, for progress lines
+        self.client: Any = None
+        self.servers: dict[int, servers.ServerInfo] = {}  # engine id -> server
+        self.notices: list[str] = []  # what happened between cells, told by the next one
+        self.last_cause = ""  # why the servers were last replaced
+        self.stuck: dict[int, list[Any]] = {}  # engine id -> results it did not stop
+        self.janitor = Janitor()
+        self._ipp: Any = None
+        self._engines = servers.EngineSet(self)
+        self._task: asyncio.Task | None = None  # the running start or replacement
+        self._views: dict[tuple[int, ...], Any] = {}
+        self._loop = PrivateLoop()
+        self._run = self._loop.run
+
+    # -- state: changed here only ------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _set_state(self, new: State, note: str | None = None) -> None:
+        with self._lock:
+            old, self._state = self._state, new
+            if note is not None:
+                self.note = note
+            if new in (State.STARTING, State.REPLACING) and self._ready.done():
+                self._ready = concurrent.futures.Future()
+            ready = self._ready
+        if new is State.RUNNING and not ready.done():
+            ready.set_result(self.client)
+        elif new in (State.FAILED, State.STOPPED) and not ready.done():
+            ready.set_exception(self.error or ClusterError("the cluster was stopped"))
+        if old is not new:
+            log.info("cluster %s -> %s (%s)", old.value, new.value, self.note)
+
+    # -- the kernel thread's API -------------------------------------------
+
+    def start(self) -> concurrent.futures.Future:
+        """Start in the background; the returned future resolves with the client."""
+        if self._state in (State.STARTING, State.RUNNING, State.REPLACING):
+            return self._ready
+        self.error = None
+        self._set_state(State.STARTING, "launching controller")
+        self._run(self.start_async())
+        return self._ready
+
+    def wait_ready(
+        self, timeout: float | None = None, progress: Callable[[str], None] | None = None
+    ) -> Any:
+        """Block until every server is registered; return the ipyparallel Client.
+
+        Servers found missing (dead, or dropped by the heartbeat) are replaced
+        first. ``progress`` is called with a short message whenever the note
+        changes.
+        """
+        if timeout is None:  # a start or replacement ends itself at start_timeout
+            timeout = self.config.start_timeout + 5
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            state = self._state
+            if state is State.RUNNING:
+                gone = servers.gone(self)  # dead servers, or their batch job ended
+                if not gone:
+                    return self.client
+                self.replace(gone)
+                continue
+            if state in (State.STOPPED, State.STOPPING):
+                raise ClusterError("the cluster is not running: %casa_cluster start")
+            if state is State.FAILED:
+                if isinstance(self.error, PreflightError):
+                    raise self.error  # names host, requirement and what to do
+                raise ClusterError(f"the cluster failed to start: {self.error}")
+            if progress and self.note != last:
+                last = self.note
+                progress(last)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # (a start past ITS deadline stops itself)
+                raise ClusterError(f"servers not ready after {timeout:g} s ({self.note})")
+            try:
+                self._ready.result(timeout=min(remaining, 0.2))
+            except concurrent.futures.TimeoutError:
+                pass
+            except Exception:
+                pass  # the state says what happened; looped above
+
+    def replace(self, cause: str) -> None:
+        """Kill the current servers and start new ones on the same controller, in
+        the background (wait_ready waits for them). ``cause`` is told to the user."""
+        with self._lock:
+            if self._state is not State.RUNNING:
+                return
+        self._set_state(State.REPLACING, f"replacing the servers: {cause}")
+        self._run(self.replace_async(cause))
+
+    def recover(self, timeout: float | None = None) -> str:
+        """After a server died during a cell: wait for new servers; say why."""
+        self.replace(self._engines.death(DEATH_REPORT_WAIT))
+        self.wait_ready(timeout)
+        self.take_notices()  # the caller tells the cause, with what it re-ran
+        return self.last_cause
+
+    def take_notices(self) -> list[str]:
+        with self._lock:
+            return [self.notices.pop(0) for _ in list(self.notices)]
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop engines, mpiexec and controller; make sure none of them remains."""
+        if self._state is State.STOPPED and self._ipp is None:
+            return
+        self._set_state(State.STOPPING, "stopping")
+        try:
+            self._run(self.stop_async()).result(timeout=timeout)
+        except Exception as exc:  # still reap below: leaving processes is worse
+            log.warning("clean cluster stop failed (%r); killing its processes", exc)
+        finally:
+            self.janitor.clean()
+            self.client, self._ipp, self._views, self.servers, self.stuck = None, None, {}, {}, {}
+            self._set_state(State.STOPPED, "stopped")
+
+    def close(self) -> None:
+        """Stop the cluster and the private event loop (kernel shutdown)."""
+        self.stop()
+        self._loop.close()
+        self.janitor.remove_late_files()
+        ipp_cluster.close_log(self)
+
+    def status(self) -> list[servers.ServerInfo]:  # never waits on the servers
+        return servers.status_rows(self)
+
+    def view(self, eids: list[int]) -> Any:
+        """A DirectView on these engines, reused (building one costs ~0.2 ms)."""
+        key = tuple(eids)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.client[list(key)]
+        return view
+
+    # -- the async core: coroutines on the private loop ----------------------
+
+    async def start_async(self) -> None:
+        """Start controller and servers (as THE task, bounded by start_timeout)."""
+        await self._begin(self._start())
+
+    async def replace_async(self, cause: str) -> None:
+        """Kill the servers, start new ones on the same controller."""
+        await self._begin(self._replace(cause))
+
+    async def _replace(self, cause: str) -> None:
+        await self._preflight()
+        await self._engines.replace(cause)
+
+    async def _preflight(self) -> None:
+        """Before every launch that spans hosts: each host meets the multi-node
+        requirements, or ONE PreflightError (see casa_kernel.preflight)."""
+        if not preflight.needed(self.config, {**os.environ, **self.extra_env}):
+            return  # one host only: nothing to check, nothing spent
+        self.note = "preflight: checking the servers' hosts"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, preflight.require, self.config, self.extra_env)
+
+    async def _begin(self, coro: Any) -> None:
+        """Run a start or replacement as THE task (stop cancels it)."""
+        self._task = asyncio.current_task()
+        timeout = self.config.start_timeout
+        try:
+            await asyncio.wait_for(coro, timeout)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                exc = servers.start_timed_out(self, timeout)
+            if self._state in (State.STARTING, State.REPLACING):
+                self.error = exc
+                self._set_state(State.FAILED, f"failed: {exc}")
+                await self.stop_async()  # nothing half-started may linger
+                self.janitor.clean()
+        finally:
+            self._task = None
+
+    async def _start(self) -> None:
+        await self._preflight()
+        workdir = self.janitor.make_workdir()
+        env = dict(self.extra_env)
+        # Every process of this cluster carries its owner's pid, so it can be
+        # found (by tests, by an admin) even after being orphaned.
+        env[variables.OWNER] = str(os.getpid())
+        self._ipp = ipp_cluster.make_ipp_cluster(self, workdir, env)
+        await self._ipp.start_controller()
+        self.janitor.track(self._ipp.controller)
+        self.client = await self._engines.start()
+        self._set_state(State.RUNNING, "running")
+
+    async def stop_async(self) -> None:
+        """Stop a start or replacement under way, then everything."""
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            # let a start or replacement unwind first, so it launches nothing after
+            task.cancel()
+            await asyncio.wait([task])
+        await servers.stop_all(self)
+
+    def _on_engines_stopped(self, es_id: str, stop_data: Any) -> None:
+        """ipyparallel's stop event of an engine set (runs on the private loop)."""
+        self._engines.stopped(es_id, stop_data)

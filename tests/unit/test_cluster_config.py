@@ -1,0 +1,255 @@
+"""Pure parts of the cluster room: command line, environment, configuration, parsing."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from casa_kernel.cluster.launcher import death_cause
+from casa_kernel.config.hostfile import parse_hostfile, place
+from casa_kernel.config.mpiexec import (
+    SLEEP_WHEN_IDLE,
+    LaunchSpec,
+    mpi_environment,
+    mpiexec_command,
+)
+from casa_kernel.config.settings import ClusterConfig, find_mpiexec
+from casa_kernel.errors import ClusterError, HostfileError, PlacementError
+
+SPEC = LaunchSpec("/venv/bin/mpiexec", 2, "/tmp/x/servers.hostfile", local=True)
+PROGRAM = ["python", "-m", "ipyparallel.engine", "--mpi"]
+
+
+@pytest.mark.parametrize(
+    "spec, environ, as_root, argv, added",
+    [
+        (  # the plain local case: hostfile, no binding, only set variables forwarded
+            SPEC,
+            {"PATH": "/bin"},
+            False,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", "-x", "PATH", *PROGRAM],
+            {"OMPI_MCA_btl": "^ofi", **SLEEP_WHEN_IDLE},
+        ),
+        (  # every forwarded variable that is set, in a fixed order; unset ones not
+            SPEC,
+            {
+                "IPP_CONNECTION_INFO": "{}",
+                "PATH": "/bin",
+                "CASASITECONFIG": "/s.py",
+                "CASA_KERNEL_LOG_DIR": "/l",
+            },
+            False,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", "-x", "PATH", "-x", "CASASITECONFIG"]
+            + ["-x", "CASA_KERNEL_LOG_DIR", "-x", "IPP_CONNECTION_INFO", *PROGRAM],
+            {"OMPI_MCA_btl": "^ofi", **SLEEP_WHEN_IDLE},
+        ),
+        (  # site flags go after ours, before the program; remote: ofi left alone
+            LaunchSpec("mpiexec", 7, "/h", local=False, extra_args=("--mca", "x", "y")),
+            {"LD_LIBRARY_PATH": "/lib"},
+            False,
+            ["mpiexec", "-n", "7", "--hostfile", "/h", "--bind-to", "none"]
+            + ["-x", "LD_LIBRARY_PATH", "--mca", "x", "y", *PROGRAM],
+            {},
+        ),
+        (  # root: the four variables OpenMPI and PRRTE demand; user's btl wins
+            SPEC,
+            {"OMPI_MCA_btl": "tcp,self"},
+            True,
+            ["/venv/bin/mpiexec", "-n", "2", "--hostfile", "/tmp/x/servers.hostfile"]
+            + ["--bind-to", "none", *PROGRAM],
+            {
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "PRTE_ALLOW_RUN_AS_ROOT": "1",
+                "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                **SLEEP_WHEN_IDLE,
+            },
+        ),
+    ],
+)
+def test_mpiexec_command_table(spec, environ, as_root, argv, added):
+    assert mpiexec_command(spec, PROGRAM, environ, as_root) == (argv, added)
+
+
+def test_no_dash_x_for_unset_variables():
+    """OpenMPI opens its error text with 'Could not find the environment variable'."""
+    argv, _ = mpiexec_command(SPEC, PROGRAM, {}, False)
+    assert "-x" not in argv
+
+
+def test_root_variables_only_for_root_and_ofi_off_only_locally():
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in mpi_environment(True, False, {})
+    root_env = mpi_environment(True, True, {})
+    assert root_env["OMPI_ALLOW_RUN_AS_ROOT"] == root_env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert mpi_environment(True, False, {})["OMPI_MCA_btl"] == "^ofi"
+    assert "OMPI_MCA_btl" not in mpi_environment(False, False, {})
+    assert "OMPI_MCA_btl" not in mpi_environment(True, False, {"OMPI_MCA_btl": "tcp,self"})
+
+
+def test_waiting_ranks_sleep_locally_unless_the_user_says_otherwise():
+    """Servers sharing cores: a rank polling in MPI must not take CPU from the
+    ones working (BENCHMARKS.md, Imaging)."""
+    env = mpi_environment(True, False, {})
+    assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert env["OMPI_MCA_threads_pthreads_yield_strategy"] == "nanosleep"
+    assert int(env["OMPI_MCA_threads_pthreads_nanosleep_time"]) > 0
+    mine = {"OMPI_MCA_threads_pthreads_yield_strategy": "sched_yield"}
+    assert "OMPI_MCA_threads_pthreads_yield_strategy" not in mpi_environment(True, False, mine)
+    assert not set(SLEEP_WHEN_IDLE) & set(mpi_environment(False, False, {}))
+
+
+def test_placement_of_a_hostfile_is_remote():
+    assert place(3).is_local
+    assert not place(3, parse_hostfile("orion slots=2\nantares slots=2\n"), "h").is_local
+
+
+def test_config_from_env(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=4\n")
+    config = ClusterConfig.from_env(
+        {
+            "CASA_KERNEL_HOSTFILE": str(hostfile),
+            "CASA_KERNEL_MPI_ARGS": "--mca btl_tcp_if_include va",
+            "CASA_KERNEL_START_TIMEOUT": "30",
+            "CASA_KERNEL_CONTROLLER_LOCATION": " head-node ",
+        }
+    )
+    assert config.nservers == 3
+    assert config.extra_mpi_args == ("--mca", "btl_tcp_if_include", "va")
+    assert config.start_timeout == 30.0
+    assert config.controller_location == "head-node"
+    assert os.path.isabs(config.mpiexec)
+    assert ClusterConfig.from_env({}).nservers == 2  # default N=3
+
+
+@pytest.mark.parametrize(
+    "env, error, words",
+    [
+        ({"CASA_KERNEL_NPROCS": "four"}, PlacementError, "'four'"),
+        ({"CASA_KERNEL_NPROCS": "1"}, PlacementError, "N=1"),
+        ({"CASA_KERNEL_START_TIMEOUT": "soon"}, ClusterError, "'soon'"),
+        ({"CASA_KERNEL_MPIEXEC": "/no/such/mpiexec"}, ClusterError, "/no/such/mpiexec"),
+        ({"CASA_KERNEL_HOSTFILE": "/no/such/hosts"}, HostfileError, "/no/such/hosts"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_value(env, error, words):
+    with pytest.raises(error, match=None) as info:
+        ClusterConfig.from_env(env)
+    assert words in str(info.value)
+
+
+def test_find_mpiexec_refuses_a_file_that_is_not_executable(tmp_path):
+    fake = tmp_path / "mpiexec"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    with pytest.raises(ClusterError, match="not an executable"):
+        find_mpiexec(str(fake))
+    fake.chmod(0o755)
+    assert find_mpiexec(str(fake)) == str(fake)
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        (
+            "prterun noticed that process rank 1 with PID 0 on node vm exited on\n"
+            "signal 9 (Killed).",
+            "server rank 1 on vm died of signal 9 (Killed)",
+        ),
+        (
+            "process rank 3 with PID 77 on node antares exited on signal 11 (Segmentation fault)",
+            "server rank 3 on antares died of signal 11 (Segmentation fault)",
+        ),
+        (
+            "prterun detected that one or more processes exited with non-zero status,\n"
+            "thus causing the job to be terminated. The first process to do so was:\n\n"
+            "   Process name: [prterun-vm-7972@1,1]\n   Exit code:    3\n",
+            "server rank 1 on vm exited with code 3",
+        ),
+        ("", "a server died (mpiexec ended the MPI job)"),
+    ],
+)
+def test_death_cause_reads_prterun(output, expected):
+    assert death_cause(output, {0: "vm", 1: "vm"}) == expected
+
+
+# ---------------------------------------------------------------- one configuration room
+
+
+def _full_env(tmp_path, **extra: str) -> dict[str, str]:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=5\n")
+    env = {
+        "CASA_KERNEL_HOSTFILE": str(hostfile),
+        "CASA_KERNEL_NPROCS": "4",
+        "CASA_KERNEL_MPI_ARGS": "--mca btl_tcp_if_include lo",
+        "CASA_KERNEL_START_TIMEOUT": "45",
+        "CASA_KERNEL_CONTROLLER_LOCATION": "head-node",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    "attribute, expected",
+    [
+        ("extra_mpi_args", ("--mca", "btl_tcp_if_include", "lo")),
+        ("start_timeout", 45.0),
+        ("controller_location", "head-node"),
+    ],
+)
+def test_each_setting_survives_a_new_n(tmp_path, attribute, expected):
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    assert config.nservers == 3
+    restarted = config.replace(nprocs=3)
+    assert restarted.nservers == 2
+    assert getattr(restarted, attribute) == expected
+    assert restarted.placement.hostfile == str(tmp_path / "hosts")
+    assert restarted.mpiexec == config.mpiexec
+
+
+def test_from_env_overrides_replace_only_what_they_name(tmp_path):
+    env = _full_env(tmp_path)
+    config = ClusterConfig.from_env(env, nprocs=2)
+    assert config.nservers == 1
+    assert config.placement.hostfile == str(tmp_path / "hosts")
+    assert config.extra_mpi_args == ("--mca", "btl_tcp_if_include", "lo")
+    assert config.start_timeout == 45.0
+    assert config.controller_location == "head-node"
+    # an overridden variable is not even read: a bad N cannot stop `start -n 3`
+    assert ClusterConfig.from_env({"CASA_KERNEL_NPROCS": "four"}, nprocs=3).nservers == 2
+
+
+def test_a_new_hostfile_without_n_fills_its_slots(tmp_path):
+    other = tmp_path / "other"
+    other.write_text("localhost slots=3\n")
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    assert config.replace(hostfile=str(other)).nservers == 2
+    assert ClusterConfig.from_env(_full_env(tmp_path), hostfile=str(other)).nservers == 2
+    # ... and without a hostfile at all the default N applies again
+    assert config.replace(hostfile=None).placement.hostfile is None
+    assert config.replace(hostfile=None).nservers == 2
+
+
+def test_a_replacement_is_validated_again(tmp_path):
+    config = ClusterConfig.from_env(_full_env(tmp_path))
+    with pytest.raises(PlacementError, match="N=7"):
+        config.replace(nprocs=7)  # 5 slots
+    with pytest.raises(ClusterError, match="/no/such/mpiexec"):
+        config.replace(mpiexec="/no/such/mpiexec")
+    with pytest.raises(ClusterError, match="'-1'"):
+        ClusterConfig.from_env({"CASA_KERNEL_START_TIMEOUT": "-1"})
+
+
+def test_preload_setting(tmp_path):
+    assert ClusterConfig.from_env({}).preload_casa is True
+    config = ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "0"})
+    assert config.preload_casa is False
+    assert config.replace(nprocs=4).preload_casa is False  # survives a restart
+    assert ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": " Yes "}).preload_casa is True
+    with pytest.raises(ClusterError, match="CASA_KERNEL_PRELOAD='maybe'"):
+        ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "maybe"})
