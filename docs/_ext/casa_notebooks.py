@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 METADATA_KEY = "casa_kernel_docs"
-# Every process of a kernel's cluster (controller, mpiexec/prterun, engines)
-# carries this variable, set to the kernel's pid.
-OWNER_VARIABLE = "CASA_KERNEL_OWNER"
 CLEANUP_TIMEOUT = 30.0
 
 
@@ -60,10 +57,14 @@ def _is_current(target: Path, digest: str, executed: bool) -> bool:
 
 
 def _cluster_processes(kernel_pid: int) -> list[psutil.Process]:
+    """Every process of that kernel's cluster (controller, mpiexec/prterun, engines):
+    each carries the kernel's pid in ``CASA_KERNEL_OWNER``, orphaned or not."""
+    from casa_kernel.variables import OWNER
+
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != kernel_pid and proc.environ().get(OWNER_VARIABLE) == str(kernel_pid):
+            if proc.pid != kernel_pid and proc.environ().get(OWNER) == str(kernel_pid):
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
         except psutil.Error:
@@ -104,7 +105,7 @@ def _check_nothing_left(name: str, kernel_pid: int) -> float:
 
 def _execute(name: str, nprocs: int, timeout: float) -> Any:
     """``notebooks/<name>`` run on a fresh kernel with ``nprocs`` processes, outputs included."""
-    from casa_kernel.demo_runner import DemoError, run
+    from casa_kernel.cli.demo import DemoError, run
 
     def progress(position: int, total: int, first_line: str) -> None:
         log.info(f"  {name} [{position:2d}/{total}] {first_line}")
