@@ -18,10 +18,8 @@ environment with ``pip install -e '.[docs]'``. Before Sphinx reads anything:
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
-from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS / "_ext"))
@@ -79,22 +77,3 @@ html_css_files = ["casa-kernel.css"]
 html_sidebars = {"index": [], "explanation/architecture": [], "benchmarks": []}
 html_show_sourcelink = False
 
-
-def _benchmarks_images(
-    app: object, relative_path: Path, parent_docname: str, content: list[str]
-) -> None:
-    """BENCHMARKS.md shows ``bench/scale.png``, which bench/run.py writes and git ignores:
-    in a clone without it, the picture becomes a sentence instead of a missing image."""
-    if Path(relative_path).name != "BENCHMARKS.md":
-        return
-    repo = DOCS.parent
-    text = content[0]
-    for match in re.finditer(r"!\[([^\]]*)\]\(([^)\s]+)\)", text):
-        if not (repo / match.group(2)).exists():
-            note = f"*({match.group(2)}: written by `bench/run.py`, not in this build)*"
-            text = text.replace(match.group(), note)
-    content[0] = text
-
-
-def setup(app: Any) -> None:
-    app.connect("include-read", _benchmarks_images)
