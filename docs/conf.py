@@ -5,13 +5,14 @@ environment with ``pip install -e '.[docs]'``. Before Sphinx reads anything:
 
 - ``_ext/casa_notebooks.py`` runs ``notebooks/quickstart.ipynb`` and
   ``notebooks/ngc5921.ipynb`` headless on a real casa-kernel (local clusters of
-  3 and 4 processes, ~3 min on 2 cores) and writes the executed copies into
+  3 and 4 processes, ~30-40 s on 2 cores) and writes the executed copies into
   ``tutorial/`` (gitignored); myst-nb renders them as they are
-  (``nb_execution_mode = "off"``). ``-D casa_notebooks_execute=0`` renders them
-  without outputs, for a quick look at the prose.
+  (``nb_execution_mode = "off"``). A copy is reused while its source notebook is
+  unchanged (delete ``docs/tutorial/*.ipynb`` to run them again);
+  ``-D casa_notebooks_execute=0`` renders them without outputs, starting nothing.
 - ``_ext/casa_reference.py`` writes ``reference/generated/*.md`` from the code:
   each magic's ``--help``, the CLI's argparse help, every ``CASA_KERNEL_*``
-  variable, the public API.
+  variable, the public API, the import ladder (from tests/unit/test_ladder.py).
 - ``_ext/casa_paths.py`` warns (an error under ``-W``) when a page or the README
   names a ``casa_kernel`` file or module that does not exist.
 """
@@ -76,4 +77,3 @@ html_css_files = ["casa-kernel.css"]
 # pages without siblings: no empty navigation column beside them
 html_sidebars = {"index": [], "explanation/architecture": [], "benchmarks": []}
 html_show_sourcelink = False
-

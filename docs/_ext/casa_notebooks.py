@@ -15,7 +15,8 @@ After each run every process of that kernel's cluster must be gone within
 
 A copy whose source notebook has not changed since it was executed (same
 SHA-256, kept in its metadata) is reused: a second local build does not start a
-cluster. CI builds from a fresh clone and so always executes. Options (``-D``):
+cluster (delete the copies to run them again, e.g. after changing the kernel).
+CI builds from a fresh clone and so always executes. Options (``-D``):
 ``casa_notebooks_execute=0`` copies the notebooks without outputs (no cluster);
 ``casa_notebooks_timeout`` bounds one notebook's run (seconds, default 900).
 """
