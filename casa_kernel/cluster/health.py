@@ -128,7 +128,7 @@ class ControllerWatch:
             ctx.destroy(linger=0)
         if cause and not self._halt.is_set():
             self.lost = cause
-            log.warning("controller lost: %s", cause)
+            log.info("controller lost: %s", cause)
             self.on_lost(cause)
 
     def _watch(self, ctx: zmq.Context) -> str:
@@ -177,19 +177,14 @@ class ControllerWatch:
 
     def _processes_lost(self, now: float) -> str:
         """A process of the controller gone or stopped ('' if none)."""
-        if not _alive(self.hub):
-            deadline = time.monotonic() + EXIT_STATUS_WAIT
-            while self.exit_code() is None and time.monotonic() < deadline:
-                time.sleep(0.05)  # the launcher's thread reaps it and records the status
-            return f"the controller's hub (pid {self.hub.pid}) {describe_exit(self.exit_code())}"
         try:
             for child in self.hub.children(recursive=True):
                 self._forked.setdefault(child.pid, child)
         except psutil.Error:
             pass
-        for pid, proc in self._forked.items():
-            if not _alive(proc):
-                return f"a process the controller's hub forked (pid {pid}) exited"
+        if not _alive(self.hub) or any(not _alive(p) for p in self._forked.values()):
+            time.sleep(EXIT_STATUS_WAIT / 4)  # a kill of the whole group: report it whole
+            return self._deaths()
         for proc in self.processes():
             try:
                 stopped = proc.status() == psutil.STATUS_STOPPED
@@ -202,6 +197,23 @@ class ControllerWatch:
                 which = "hub" if proc.pid == self.hub.pid else "forked process"
                 return f"the controller's {which} (pid {proc.pid}) is stopped (SIGSTOP)"
         return ""
+
+    def _deaths(self) -> str:
+        """'the controller's hub (pid 8) was killed by signal 9 (SIGKILL), and 4
+        processes it forked (pids 9, 10, 11, 12) exited'."""
+        dead = sorted(pid for pid, proc in self._forked.items() if not _alive(proc))
+        forked = ""
+        if dead:
+            pids = ", ".join(map(str, dead))
+            plural = "es" if len(dead) > 1 else ""
+            forked = f"{len(dead)} process{plural} it forked (pid {pids}) exited"
+        hub = f"the controller's hub (pid {self.hub.pid})"
+        if _alive(self.hub):
+            return f"{hub} lives, but {forked}"
+        deadline = time.monotonic() + EXIT_STATUS_WAIT
+        while self.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the launcher's thread reaps it and records the status
+        return f"{hub} {describe_exit(self.exit_code())}" + (f", and {forked}" if forked else "")
 
     def _socket(self, ctx: zmq.Context, kind: int) -> zmq.Socket:
         sock = ctx.socket(kind)
