@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,13 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _cmd(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _controller(kc) -> list[psutil.Process]:
@@ -209,3 +217,39 @@ def test_starts_survive_a_tiny_range_for_outgoing_ports(tmp_path):
         env=env,
     )
     assert run.stdout.count("started") == 5, run.stdout + run.stderr[-3000:]
+
+
+def test_a_controller_silent_during_the_start_fails_it_with_its_last_lines(tmp_path):
+    """Servers held at a gate (an mpiexec that waits for a file) while the
+    controller is stopped: the start fails in seconds, naming the stopped hub
+    and showing the controller's last lines, and leaves nothing behind."""
+    real = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    gate, wrapper = tmp_path / "go", tmp_path / "mpiexec"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in --version|-V) exec {real} "$@";; esac\n'
+        f"while [ ! -e {gate} ]; do sleep 0.1; done\n"
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = kernel_env(
+        CASA_KERNEL_NPROCS="3", CASA_KERNEL_PRELOAD="0", CASA_KERNEL_MPIEXEC=str(wrapper)
+    )
+    with running_kernel(env) as (km, kc):
+        kc.km = km
+        deadline = time.monotonic() + NOTICE_BOUND
+        # until the hub has forked its schedulers and heart monitor (it has
+        # logged its start by then); the servers wait at the gate
+        while len([p for p in _cluster(kc) if "ipyparallel.controller" in _cmd(p)]) < 3:
+            assert time.monotonic() < deadline, "the controller never started"
+            time.sleep(0.1)
+        controller = _controller(kc)
+        _signal_all(controller, signal.SIGSTOP)
+        reply = execute(kc, "%casa_cluster status", timeout=NOTICE_BOUND)
+        text = reply.error + reply.stdout + (reply.result or "")
+        assert "the cluster failed to start" in text, text
+        assert "is stopped (SIGSTOP) while the servers were starting" in text, text
+        assert "the controller's last lines" in text, text
+        gate.touch()
+        assert not _gone(controller), "the stopped controller was left behind"
+        assert not [p for p in _cluster(kc)], "processes of the failed start are left"

@@ -78,23 +78,22 @@ def watch_info(client_info: dict[str, Any], engine_info: dict[str, Any]) -> dict
 
 
 class ControllerWatch:
-    """Watch one controller: its processes, its hub, its heart monitor."""
+    """Watch one controller: its processes from its launch on, then (once its
+    connection files exist, :meth:`connect`) its hub and heart monitor."""
 
     def __init__(
         self,
         hub_pid: int,
-        info: dict[str, Any],
         on_lost: Callable[[str], None],
         exit_code: Callable[[], int | None] = lambda: None,
     ) -> None:
-        """``hub_pid``: the controller's first process; ``info``: :func:`watch_info`;
-        ``exit_code``: the hub's exit status once its launcher knows it, to name
-        the signal that killed it."""
+        """``hub_pid``: the controller's first process; ``exit_code``: the hub's
+        exit status once its launcher knows it, to name the signal that killed it."""
         self.hub = psutil.Process(hub_pid)
-        self.info = info
         self.on_lost = on_lost
         self.exit_code = exit_code
         self.lost = ""
+        self._info: dict[str, Any] | None = None
         self._halt = threading.Event()
         self._forked: dict[int, psutil.Process] = {}
         self._stopped_since: dict[int, float] = {}
@@ -105,11 +104,13 @@ class ControllerWatch:
     def start(self) -> None:
         self._thread.start()
 
+    def connect(self, info: dict[str, Any]) -> None:
+        """Also ask the hub and listen to the heart monitor (``info``: :func:`watch_info`)."""
+        self._info = info
+
     def stop(self) -> None:
-        """Stop watching (the cluster is being stopped on purpose)."""
+        """Stop watching (the cluster is being stopped on purpose); returns at once."""
         self._halt.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=PERIOD + 1)
 
     def processes(self) -> list[psutil.Process]:
         """The controller's processes seen so far (the hub first)."""
@@ -133,44 +134,20 @@ class ControllerWatch:
 
     def _watch(self, ctx: zmq.Context) -> str:
         """Check until halted ('') or until something is wrong (the cause)."""
-        session = Session(
-            key=self.info["key"].encode("ascii"), signature_scheme=self.info["signature_scheme"]
-        )
-        query = self._socket(ctx, zmq.DEALER)
-        query.connect(self.info["query"])
-        beats = self._socket(ctx, zmq.SUB)
-        beats.setsockopt(zmq.SUBSCRIBE, b"")
-        beats.connect(self.info["beats"])
-        poller = zmq.Poller()
-        poller.register(query, zmq.POLLIN)
-        poller.register(beats, zmq.POLLIN)
-        last_beat = time.monotonic()
-        asked = 0.0  # when the unanswered question was sent (0: none pending)
+        hub: _HubLine | None = None
         while not self._halt.is_set():
-            if not asked:
-                session.send(query, "queue_request", content={"targets": None, "verbose": False})
-                asked = time.monotonic()
-            for sock, _ in poller.poll(timeout=int(PERIOD * 1000)):
-                while sock.poll(0):
-                    sock.recv_multipart()
-                if sock is query:
-                    asked = 0.0
-                else:
-                    last_beat = time.monotonic()
+            if hub is None and self._info is not None:
+                hub = _HubLine(ctx, self._info)
+            if hub is not None:
+                hub.listen(PERIOD)
+            else:
+                self._halt.wait(PERIOD)
             if self._halt.is_set():
                 return ""
             now = time.monotonic()
             cause = self._processes_lost(now)
-            if not cause and asked and now - asked > ANSWER_TIMEOUT:
-                cause = (
-                    f"the controller's hub (pid {self.hub.pid}) did not answer "
-                    f"for {ANSWER_TIMEOUT:g} s"
-                )
-            if not cause and now - last_beat > BEAT_TIMEOUT:
-                cause = (
-                    f"the controller's heart monitor sent the servers no heartbeat "
-                    f"for {BEAT_TIMEOUT:g} s"
-                )
+            if not cause and hub is not None:
+                cause = hub.silence(now, self.hub.pid)
             if cause:
                 return cause
         return ""
@@ -214,6 +191,50 @@ class ControllerWatch:
         while self.exit_code() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # the launcher's thread reaps it and records the status
         return f"{hub} {describe_exit(self.exit_code())}" + (f", and {forked}" if forked else "")
+
+
+class _HubLine:
+    """The watch's two sockets to a controller: a question to the hub, the beats."""
+
+    def __init__(self, ctx: zmq.Context, info: dict[str, Any]) -> None:
+        self.info = info
+        self.session = Session(
+            key=info["key"].encode("ascii"), signature_scheme=info["signature_scheme"]
+        )
+        self.query = self._socket(ctx, zmq.DEALER)
+        self.query.connect(info["query"])
+        self.beats = self._socket(ctx, zmq.SUB)
+        self.beats.setsockopt(zmq.SUBSCRIBE, b"")
+        self.beats.connect(info["beats"])
+        self.poller = zmq.Poller()
+        self.poller.register(self.query, zmq.POLLIN)
+        self.poller.register(self.beats, zmq.POLLIN)
+        self.last_beat = time.monotonic()
+        self.asked = 0.0  # when the unanswered question was sent (0: none pending)
+
+    def listen(self, seconds: float) -> None:
+        """Ask (unless a question is pending), then take what arrives for ``seconds``."""
+        if not self.asked:
+            self.session.send(self.query, "queue_request", {"targets": None, "verbose": False})
+            self.asked = time.monotonic()
+        for sock, _ in self.poller.poll(timeout=int(seconds * 1000)):
+            while sock.poll(0):
+                sock.recv_multipart()
+            if sock is self.query:
+                self.asked = 0.0
+            else:
+                self.last_beat = time.monotonic()
+
+    def silence(self, now: float, hub_pid: int) -> str:
+        """What has been silent too long ('' if nothing)."""
+        if self.asked and now - self.asked > ANSWER_TIMEOUT:
+            return f"the controller's hub (pid {hub_pid}) did not answer for {ANSWER_TIMEOUT:g} s"
+        if now - self.last_beat > BEAT_TIMEOUT:
+            return (
+                "the controller's heart monitor sent the servers no heartbeat "
+                f"for {BEAT_TIMEOUT:g} s"
+            )
+        return ""
 
     def _socket(self, ctx: zmq.Context, kind: int) -> zmq.Socket:
         sock = ctx.socket(kind)

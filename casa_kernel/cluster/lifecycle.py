@@ -280,7 +280,9 @@ class CasaCluster:
             if self.lost and self._state in (State.STARTING, State.REPLACING):
                 await self._failed_start(self.error or ClusterLost(self.lost))
         except Exception as exc:
-            if isinstance(exc, asyncio.TimeoutError):
+            if self.lost and self.error is not None:
+                exc = self.error  # what failed first: the controller, not the wait on it
+            elif isinstance(exc, asyncio.TimeoutError):
                 exc = servers.start_timed_out(self, timeout)
             if self._state in (State.STARTING, State.REPLACING):
                 await self._failed_start(exc)
@@ -311,16 +313,18 @@ class CasaCluster:
     # -- the controller's watch (cluster/health.py) ------------------------------
 
     async def _watch_controller(self) -> None:
-        """From the controller's first breath on: its processes, hub and heart monitor."""
+        """From the controller's launch on: its processes; once its connection
+        files exist, also its hub and heart monitor."""
         controller = self._ipp.controller
-        files = await controller.get_connection_info()
-        info = health.watch_info(files["client"], files["engine"])
 
         def exit_code() -> int | None:
             return (getattr(controller, "stop_data", None) or {}).get("exit_code")
 
-        self._watch = health.ControllerWatch(controller.pid, info, self._controller_lost, exit_code)
-        self._watch.start()
+        watch = health.ControllerWatch(controller.pid, self._controller_lost, exit_code)
+        self._watch = watch
+        watch.start()
+        files = await controller.get_connection_info()
+        watch.connect(health.watch_info(files["client"], files["engine"]))
 
     def _halt_watch(self) -> None:
         watch, self._watch = self._watch, None
