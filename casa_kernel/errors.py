@@ -41,6 +41,11 @@ class ClusterError(CasaKernelError, RuntimeError):
     """The cluster could not start, died, or is not running."""
 
 
+class ClusterLost(ClusterError):
+    """The controller died or went silent: the cell's work on the servers is lost;
+    the next cell that needs servers starts a whole new cluster."""
+
+
 class TaskTimeout(CasaKernelError, TimeoutError):
     """Work did not finish within the task timeout; names the servers still busy."""
 

@@ -231,6 +231,7 @@ class Dispatcher:
                 self.output.relay(handles)
                 if tracker is not None:
                     tracker.poll(handles)
+                self.cluster.check_alive()  # the controller lost: ClusterLost
                 if self._world_lost(handles):
                     return  # the rest would wait for servers that are gone
                 pending = [ar for ar in pending if not ar.ready()]

@@ -90,7 +90,7 @@ class Interrupts:
         """Servers still running an interrupted cell: wait for them, or replace
         them when this cell is interrupted or times out."""
         stuck = {e for e, ars in self.cluster.stuck.items() if any(not a.ready() for a in ars)}
-        if not stuck:
+        if not stuck or self.cluster.is_lost():  # (lost: a new cluster starts anyway)
             self.cluster.stuck.clear()
             return
         names = self.names(stuck)
@@ -98,6 +98,9 @@ class Interrupts:
         try:
             for ar in {id(a): a for e in stuck for a in self.cluster.stuck.get(e, [])}.values():
                 while not ar.wait(POLL):
+                    if self.cluster.is_lost():
+                        self.cluster.stuck.clear()
+                        return
                     if deadline is not None and time.monotonic() > deadline:
                         self.cluster.replace(f"{names} stuck in an interrupted cell")
                         raise TaskTimeout(

@@ -10,7 +10,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from casa_kernel import variables
-from casa_kernel.cluster import encryption, keyfile
+from casa_kernel.cluster import encryption, keyfile, ports
 from casa_kernel.cluster.launcher import CONTROLLER_ARGS, ENGINE_ARGS, CasaEngineSetLauncher
 from casa_kernel.config.mpiexec import mpi_environment, running_as_root
 
@@ -54,7 +54,10 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
         if placement.is_local
         else (config.controller_location or socket.getfqdn()),
         # across hosts: CurveZMQ on every controller socket (keys fresh each start)
-        controller_args=list(CONTROLLER_ARGS) + encryption.controller_args(config.encrypted),
+        controller_args=list(CONTROLLER_ARGS)
+        + encryption.controller_args(config.encrypted)
+        # ports bound later by forked processes: none an outgoing connection may take
+        + ports.controller_args("127.0.0.1" if placement.is_local else "*"),
         engine_timeout=int(config.start_timeout),
         # No cluster file: this object is the only handle (the watchdog, not
         # `ipcluster stop`, cleans up after a dead kernel), and a file

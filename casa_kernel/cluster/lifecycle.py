@@ -11,7 +11,11 @@ which returns at once, ``wait_ready``, ``replace``, ``stop``), which schedule
 them and wait with a deadline. The state
 is a :class:`State` changed in one place, under a lock. When the engine set
 stops on its own (a server died, between cells or during one), ipyparallel's
-stop event starts a replacement at once, on the same controller.
+stop event starts a replacement at once, on the same controller. The
+controller itself is watched by a thread of its own (cluster/health.py): when
+it dies or goes silent, the cluster is LOST: its processes are killed at once,
+a running cell ends naming the cause, and the next cell starts a whole new
+cluster (controller and servers) and says so.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from casa_kernel import preflight, variables
-from casa_kernel.cluster import ipp_cluster, servers
-from casa_kernel.cluster.janitor import Janitor
+from casa_kernel.cluster import health, ipp_cluster, servers
+from casa_kernel.cluster.janitor import Janitor, reap
 from casa_kernel.cluster.state import State
 from casa_kernel.config.settings import ClusterConfig
-from casa_kernel.errors import ClusterError, PreflightError
+from casa_kernel.errors import ClusterError, ClusterLost, PreflightError
 
 log = logging.getLogger("casa_kernel.cluster")
 
 # How long a dying mpiexec gets to say why (its words name the rank and signal).
 DEATH_REPORT_WAIT = 5.0
 STOP_TIMEOUT = 30.0
+# Lines of the controller's own output shown when it is lost during a start.
+CONTROLLER_TAIL_LINES = 12
 
 
 ServerInfo = servers.ServerInfo
@@ -82,6 +88,9 @@ class CasaCluster:
         self._engines = servers.EngineSet(self)
         self._task: asyncio.Task | None = None  # the running start or replacement
         self._views: dict[tuple[int, ...], Any] = {}
+        self.lost = ""  # why the controller was lost ("" while it is fine)
+        self._watch: health.ControllerWatch | None = None
+        self._restarted: tuple[str, float] | None = None  # (cause, when) of a restart
         self._loop = PrivateLoop()
         self._run = self._loop.run
 
@@ -112,7 +121,7 @@ class CasaCluster:
         """Start in the background; the returned future resolves with the client."""
         if self._state in (State.STARTING, State.RUNNING, State.REPLACING):
             return self._ready
-        self.error = None
+        self.error, self.lost = None, ""
         self._set_state(State.STARTING, "launching controller")
         self._run(self.start_async())
         return self._ready
@@ -135,8 +144,14 @@ class CasaCluster:
             if state is State.RUNNING:
                 gone = servers.gone(self)  # dead servers, or their batch job ended
                 if not gone:
+                    self._tell_restart()
                     return self.client
                 self.replace(gone)
+                continue
+            if state is State.LOST:  # a whole new cluster, not new servers
+                self._restarted = (self.lost, time.monotonic())
+                self.stop()
+                self.start()
                 continue
             if state in (State.STOPPED, State.STOPPING):
                 raise ClusterError("the cluster is not running: %casa_cluster start")
@@ -173,6 +188,28 @@ class CasaCluster:
         self.take_notices()  # the caller tells the cause, with what it re-ran
         return self.last_cause
 
+    def is_lost(self) -> bool:
+        return self._state is State.LOST
+
+    def check_alive(self) -> None:
+        """Raise :class:`ClusterLost` if the controller was lost (waits call it)."""
+        if self._state is State.LOST:
+            raise ClusterLost(
+                f"{self.lost}: the work this cell sent to the servers is lost. "
+                "The next cell that needs servers starts a new cluster (controller and servers)."
+            )
+
+    def _tell_restart(self) -> None:
+        if self._restarted is None:
+            return
+        cause, began = self._restarted
+        self._restarted = None
+        with self._lock:
+            self.notices.append(
+                f"{cause}; started a new cluster (controller and "
+                f"{self.config.nservers} servers) in {time.monotonic() - began:.1f} s"
+            )
+
     def take_notices(self) -> list[str]:
         with self._lock:
             return [self.notices.pop(0) for _ in list(self.notices)]
@@ -182,6 +219,7 @@ class CasaCluster:
         if self._state is State.STOPPED and self._ipp is None:
             return
         self._set_state(State.STOPPING, "stopping")
+        self._halt_watch()
         try:
             self._run(self.stop_async()).result(timeout=timeout)
         except Exception as exc:  # still reap below: leaving processes is worse
@@ -239,17 +277,24 @@ class CasaCluster:
         try:
             await asyncio.wait_for(coro, timeout)
         except asyncio.CancelledError:
-            pass
+            if self.lost and self._state in (State.STARTING, State.REPLACING):
+                await self._failed_start(self.error or ClusterLost(self.lost))
         except Exception as exc:
-            if isinstance(exc, asyncio.TimeoutError):
+            if self.lost and self.error is not None:
+                exc = self.error  # what failed first: the controller, not the wait on it
+            elif isinstance(exc, asyncio.TimeoutError):
                 exc = servers.start_timed_out(self, timeout)
             if self._state in (State.STARTING, State.REPLACING):
-                self.error = exc
-                self._set_state(State.FAILED, f"failed: {exc}")
-                await self.stop_async()  # nothing half-started may linger
-                self.janitor.clean()
+                await self._failed_start(exc)
         finally:
             self._task = None
+
+    async def _failed_start(self, exc: BaseException) -> None:
+        self.error = exc
+        self._set_state(State.FAILED, f"failed: {exc}")
+        self._halt_watch()
+        await self.stop_async()  # nothing half-started may linger
+        self.janitor.clean()
 
     async def _start(self) -> None:
         await self._preflight()
@@ -261,8 +306,73 @@ class CasaCluster:
         self._ipp = ipp_cluster.make_ipp_cluster(self, workdir, env)
         await self._ipp.start_controller()
         self.janitor.track(self._ipp.controller)
+        await self._watch_controller()
         self.client = await self._engines.start()
         self._set_state(State.RUNNING, "running")
+
+    # -- the controller's watch (cluster/health.py) ------------------------------
+
+    async def _watch_controller(self) -> None:
+        """From the controller's launch on: its processes; once its connection
+        files exist, also its hub and heart monitor."""
+        controller = self._ipp.controller
+
+        def exit_code() -> int | None:
+            return (getattr(controller, "stop_data", None) or {}).get("exit_code")
+
+        watch = health.ControllerWatch(controller.pid, self._controller_lost, exit_code)
+        self._watch = watch
+        watch.start()
+        files = await controller.get_connection_info()
+        watch.connect(health.watch_info(files["client"], files["engine"]))
+
+    def _halt_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
+
+    def _controller_lost(self, cause: str) -> None:
+        """The watch's report (its own thread): fail the start, or lose the cluster."""
+        with self._lock:
+            state = self._state
+        if state not in (State.STARTING, State.RUNNING, State.REPLACING):
+            return  # stopping or stopped on purpose, or already failed
+        self.lost = cause
+        if state is State.STARTING:
+            tail = self.controller_tail()
+            self.error = ClusterLost(
+                f"{cause} while the servers were starting"
+                + (f"; the controller's last lines:\n{tail}" if tail else "")
+            )
+            self._loop.loop.call_soon_threadsafe(self._cancel_task)
+            return
+        self._set_state(State.LOST, f"lost: {cause}")
+        self._cancel_task_threadsafe()
+        # Signals only (the kernel's thread may be using the client): the
+        # controller's processes, mpiexec and the servers go now; the next
+        # cell's stop() cleans the rest and starts anew.
+        reap(self.janitor.pids() | {p.pid for p in self._watch_processes()}, grace=1.0)
+
+    def _cancel_task_threadsafe(self) -> None:
+        self._loop.loop.call_soon_threadsafe(self._cancel_task)
+
+    def _cancel_task(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _watch_processes(self) -> list[Any]:
+        watch = self._watch
+        return watch.processes() if watch is not None else []
+
+    def controller_tail(self, lines: int = CONTROLLER_TAIL_LINES) -> str:
+        """The last lines of the controller's own output (its log), replaced where not UTF-8."""
+        controller = getattr(self._ipp, "controller", None)
+        path = getattr(controller, "output_file", "")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return "\n".join(f.read().splitlines()[-lines:])
+        except OSError:
+            return ""
 
     async def stop_async(self) -> None:
         """Stop a start or replacement under way, then everything."""

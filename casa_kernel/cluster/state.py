@@ -11,6 +11,7 @@ class State(Enum):
     RUNNING = "running"
     REPLACING = "replacing"  # new servers are starting on the same controller
     FAILED = "failed"
+    LOST = "lost"  # the controller died or went silent: the next cell starts anew
     STOPPING = "stopping"
 
     def __str__(self) -> str:

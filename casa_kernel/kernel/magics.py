@@ -192,8 +192,11 @@ class CasaMagics(Magics):
         # asked of the running client (it holds the controller's key), not the config
         client = cluster.client
         encrypted = bool(client.curve_serverkey) if client is not None else cluster.config.encrypted
+        state = str(cluster.state)
+        if cluster.is_lost():
+            state = f"lost: {cluster.lost}; the next cell that needs servers starts a new one"
         title = (
-            f"CASA cluster ({cluster.state}): client on {client_host}, "
+            f"CASA cluster ({state}): client on {client_host}, "
             f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); "
             + encryption.describe(encrypted, placement.is_local)
         )

@@ -14,7 +14,9 @@ from casa_kernel.cluster.lifecycle import CasaCluster, State
 from casa_kernel.config.settings import ClusterConfig
 from casa_kernel.errors import ClusterError
 
-_ACTIVE = (State.STARTING, State.RUNNING, State.REPLACING)
+_RUNNING = (State.STARTING, State.RUNNING, State.REPLACING)
+# LOST is active: the next cell that needs servers starts a new cluster
+_ACTIVE = (*_RUNNING, State.LOST)
 
 
 class ClusterSession:
@@ -26,7 +28,7 @@ class ClusterSession:
 
     def start(self, config: ClusterConfig | None = None) -> CasaCluster:
         """Start a cluster (in the background) from ``config`` or the environment."""
-        if self.cluster is not None and self.cluster.state in _ACTIVE:
+        if self.cluster is not None and self.cluster.state in _RUNNING:
             raise ClusterError(
                 "a cluster is already running: %casa_cluster stop (or restart) first"
             )
