@@ -197,6 +197,9 @@ class CasaMagics(Magics):
             f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); "
             + encryption.describe(encrypted, placement.is_local)
         )
+        if cluster.config.mpi is not None:
+            # which MPI started the servers and which one mpi4py loads (config/mpi_match.py)
+            title += "\n" + cluster.config.mpi.describe()
         return display.StatusTable(title, rows)
 
     @cell_magic
