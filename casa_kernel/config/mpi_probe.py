@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from casa_kernel import variables
-from casa_kernel.config.mpi_match import Candidate, MpiChoice, MpiMismatchError, choose_mpiexec
+from casa_kernel.config.mpi_match import (
+    Candidate,
+    MpiChoice,
+    MpiMismatchError,
+    choose_mpiexec,
+    parse_library_version,
+)
 from casa_kernel.errors import ClusterError
 
 TIMEOUT = 30.0  # seconds: a cold import of mpi4py on a loaded machine takes ~1 s
@@ -167,7 +173,14 @@ def resolve_mpiexec(
         pairs = [(path, variables.MPIEXEC)]
     else:
         pairs = candidate_paths(library, environ, python)
-    candidates = [Candidate(path, why, reported_version(path)) for path, why in pairs]
+    # Ask candidates in order, and stop at one of exactly mpi4py's version:
+    # nothing later can beat it (each `--version` is a process start, ~0.1 s).
+    wanted = parse_library_version(library.text)
+    candidates = []
+    for path, why in pairs:
+        candidates.append(Candidate(path, why, reported_version(path)))
+        if wanted is not None and candidates[-1].build == wanted:
+            break
     where = f"in {python}" + (f", {library.libmpi}" if library.libmpi else "")
     note = library.problem or where
     try:
