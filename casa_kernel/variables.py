@@ -57,8 +57,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         MPIEXEC,
         "",
-        "the mpiexec that starts the servers (a site MPI); unset: the environment's "
-        "bin/mpiexec, else the first on PATH",
+        "the mpiexec that starts the servers (a site MPI); refused if its --version names "
+        "another MPI than mpi4py's library; unset: the mpiexec of mpi4py's MPI, looked for "
+        "beside its libmpi, in the environment's bin/, beside mpicasa, then on PATH",
     ),
     Variable(
         MPI_ARGS,

@@ -91,6 +91,13 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a site MPI's mpiexec (default: the one installed in this environment)",
     )
     p.add_argument(
+        "--python",
+        metavar="PATH",
+        default=None,
+        help="the Python that runs the kernel, e.g. a monolithic CASA's bin/python3 "
+        "(default: this one); it must import casa_kernel and casatasks",
+    )
+    p.add_argument(
         "--batch",
         metavar="SPEC",
         help="servers from the batch queue at kernel start, e.g. "
@@ -103,12 +110,18 @@ def _add_install_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_install(args: argparse.Namespace) -> int:
     from casa_kernel.config.batch import parse_batch_spec
     from casa_kernel.config.settings import DEFAULT_NPROCS
-    from casa_kernel.kernel.kernelspec import install
+    from casa_kernel.kernel.kernelspec import check_python, install, mpi_report
 
     extra_env = None
     if args.batch:
         parse_batch_spec(args.batch, 1)  # a bad spec fails here, before anything is written
         extra_env = {variables.BATCH: args.batch}
+    report = None
+    if args.python is not None:
+        # another environment's Python: what it will launch with (its mpi4py, its
+        # MPI); asked before writing, so an explicit --mpiexec that mismatches
+        # leaves nothing behind
+        report = mpi_report(check_python(args.python).path, args.mpiexec)
     destination = install(
         kernel_name=args.name,
         user=args.user,
@@ -119,16 +132,21 @@ def _run_install(args: argparse.Namespace) -> int:
         hostfile=args.hostfile,
         mpiexec=args.mpiexec,
         env=extra_env,
+        python=args.python,
     )
     # Jupyter lowercases the name: report the one it installed under.
     print(f"Installed kernelspec {os.path.basename(destination)} in {destination}")
     # Echo the cluster configuration from the file just written, so what the
     # user sees is what Jupyter will use.
     with open(os.path.join(destination, "kernel.json"), encoding="utf-8") as f:
-        env = json.load(f).get("env", {})
+        spec = json.load(f)
+    env = spec.get("env", {})
     for key in (variables.NPROCS, variables.HOSTFILE, variables.MPIEXEC, variables.BATCH):
         if key in env:
             print(f"  {key}={env[key]}")
+    if report is not None:
+        print(f"  python: {spec['argv'][0]}")
+        print(f"  {report}")
     if variables.NPROCS not in env and variables.HOSTFILE not in env and variables.BATCH not in env:
         print(
             "  cluster size: every slot of the batch job the kernel runs in "

