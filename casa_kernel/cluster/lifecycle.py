@@ -280,12 +280,13 @@ class CasaCluster:
             if self.lost and self._state in (State.STARTING, State.REPLACING):
                 await self._failed_start(self.error or ClusterLost(self.lost))
         except Exception as exc:
+            failure: BaseException = exc
             if self.lost and self.error is not None:
-                exc = self.error  # what failed first: the controller, not the wait on it
+                failure = self.error  # what failed first: the controller, not the wait on it
             elif isinstance(exc, asyncio.TimeoutError):
-                exc = servers.start_timed_out(self, timeout)
+                failure = servers.start_timed_out(self, timeout)
             if self._state in (State.STARTING, State.REPLACING):
-                await self._failed_start(exc)
+                await self._failed_start(failure)
         finally:
             self._task = None
 
