@@ -36,14 +36,23 @@ served.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
 import types
+import warnings
+from pathlib import Path
 from typing import Any
 
-from casa_kernel.casa.private import CPP_PARALLEL_TASKS, MPI_IMPORTERS
+from casa_kernel.casa import contract, private
+from casa_kernel.casa.config import cache_home
+from casa_kernel.casa.private import CPP_MPI_COMMAND, CPP_PARALLEL_TASKS, MPI_IMPORTERS
 from casa_kernel.errors import ClusterError, RemoteError
 
 _session: Any = None  # the kernel's ClusterSession
+# Why casatasks' parallel layer is not served (a release that uses a casampi name
+# the kernel does not serve): its tasks then run serially, as in plain CASA.
+serial_reason: str | None = None
 
 
 # -- casampi numbering ---------------------------------------------------------
@@ -73,7 +82,7 @@ def _cluster() -> Any:
 
 
 def _active() -> bool:
-    return _session is not None and _session.active
+    return _session is not None and _session.active and serial_reason is None
 
 
 # -- casampi's commands and responses -------------------------------------------
@@ -142,6 +151,77 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# -- what the kernel serves, and a release it has not read ------------------------
+
+# casampi's modules, as casatasks imports them (contract.py's "module" kind)
+_MODULES = ("MPIEnvironment", "MPICommandClient", "MPIInterface")
+
+
+def serves(kind: str, name: str) -> bool:
+    """Does the kernel serve this casampi use (a :class:`contract.Use`'s kind, name)?"""
+    from casa_kernel.casampi import imaging, tasks
+
+    if kind == "module":
+        return name in _MODULES
+    if kind == "command":
+        return name == CPP_MPI_COMMAND  # casampi/cube.py runs cubes for it
+    served = {
+        "env": tasks.MPIEnvironment,
+        "client": tasks.MPICommandClient,
+        "core": imaging._InterfaceCore,
+        "iface": imaging.MPIInterface,
+    }.get(kind)
+    # type(...) too: MPIEnvironment's properties live on its metaclass
+    return served is not None and (hasattr(served, name) or hasattr(type(served), name))
+
+
+class UnreadReleaseWarning(UserWarning):
+    """casatasks is newer than every release whose parallel layer was read."""
+
+
+def check_release(version: str, package_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
+    """A release not in private.RELEASES: scan its parallel layer (the contract
+    test's scan) -> (warning, why it cannot be served or None)."""
+    uses = contract.cached_scan(package_dir, version, cache_dir)
+    problems = contract.problems(uses, serves)
+    warning = (
+        f"casatasks {version} is newer than the releases casa-kernel was read and tested "
+        f"against ({private.OLDEST_READ} to {private.NEWEST_READ}): its parallel layer "
+        f"({package_dir}) was scanned for the casampi names it uses, not read"
+    )
+    if not problems:
+        return warning + "; every one is served.", None
+    reason = (
+        f"casatasks {version} uses what casa-kernel does not serve, so CASA's parallel tasks "
+        "run serially in the kernel (%%casa_parallel still uses the servers):\n  "
+        + "\n  ".join(problems)
+    )
+    return warning + ".", reason
+
+
+def _check_installed_release() -> None:
+    global serial_reason
+    if private.READ:
+        return
+    spec = importlib.util.find_spec("casatasks")
+    if spec is None or not spec.submodule_search_locations:
+        return  # private.py refused it already
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    cache_dir = Path(cache_home(os.environ)) / "casa-kernel" / "contract"
+    warning, serial_reason = check_release(private.CASATASKS_VERSION, package_dir, cache_dir)
+    warnings.warn(warning, UnreadReleaseWarning, stacklevel=2)
+    if serial_reason:
+        warnings.warn(serial_reason, UnreadReleaseWarning, stacklevel=2)
+
+
+def say_serial_reason() -> bool:
+    """Tell the cell why a parallel call runs serially; True if it does for that reason."""
+    if serial_reason is None or _session is None or not _session.active:
+        return False
+    print(f"casa-kernel: {serial_reason}", file=sys.stderr, flush=True)
+    return True
+
+
 def install(session: Any) -> None:
     """Make ``import casampi...`` in this process find our client surface, and
     route the notebook's imaging tasks.
@@ -154,6 +234,7 @@ def install(session: Any) -> None:
 
     global _session
     _session = session
+    _check_installed_release()
     for name in MPI_IMPORTERS:
         helper = sys.modules.get(name)
         if helper is not None and not getattr(helper, "mpi_available", False):

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from casa_kernel.casa import rerun, tasks
+from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
     _active,
@@ -31,6 +32,7 @@ from casa_kernel.client.dispatch import Dispatcher, Job, Outcome
 from casa_kernel.server import engine
 
 _serial_call = False  # a call that must not see the servers (see _serially)
+_told_serial = False  # the cell was told why CASA's tasks run serially (bridge.serial_reason)
 
 
 # -- casampi.MPIEnvironment -----------------------------------------------------
@@ -41,6 +43,9 @@ class _EnvironmentMeta(type):
     def is_mpi_enabled(cls) -> bool:
         # Parallel exactly while a cluster is starting or running: one notebook,
         # both ways (no cluster: casatasks runs the same call serially).
+        global _told_serial
+        if not _told_serial and not _serial_call and bridge.say_serial_reason():
+            _told_serial = True  # once: casatasks reads this many times per call
         return _active() and not _serial_call
 
     @property
