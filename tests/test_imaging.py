@@ -166,6 +166,7 @@ def _case(root, kernel, name, mask_pixels_may_differ=0.0, **params):
     return serial, parallel
 
 
+@pytest.mark.second_release
 def test_mfs_parallel_hogbom_natural_equals_serial(root, kernel):
     serial, _ = _case(
         root, kernel, "mfs", specmode="mfs", niter=60, parallel=True, weighting="natural"
@@ -353,6 +354,7 @@ def test_sdintimaging_with_servers_equals_without(root, kernel):
     assert_returns_equal(serial, parallel, scale)
 
 
+@pytest.mark.second_release
 def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_dir):
     serial, _ = _case(root, kernel, "cube", specmode="cube", spw="0", niter=60, weighting="natural")
     assert serial["iterdone"] > 0
