@@ -53,6 +53,8 @@ _session: Any = None  # the kernel's ClusterSession
 # Why casatasks' parallel layer is not served (a release that uses a casampi name
 # the kernel does not serve): its tasks then run serially, as in plain CASA.
 serial_reason: str | None = None
+release_notice: str | None = None  # a release not in private.RELEASES: what was checked
+_told = False  # release_notice was shown in a cell
 
 
 # -- casampi numbering ---------------------------------------------------------
@@ -200,7 +202,7 @@ def check_release(version: str, package_dir: Path, cache_dir: Path) -> tuple[str
 
 
 def _check_installed_release() -> None:
-    global serial_reason
+    global serial_reason, release_notice
     if private.READ:
         return
     spec = importlib.util.find_spec("casatasks")
@@ -209,17 +211,19 @@ def _check_installed_release() -> None:
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     cache_dir = Path(cache_home(os.environ)) / "casa-kernel" / "contract"
     warning, serial_reason = check_release(private.CASATASKS_VERSION, package_dir, cache_dir)
-    warnings.warn(warning, UnreadReleaseWarning, stacklevel=2)
-    if serial_reason:
-        warnings.warn(serial_reason, UnreadReleaseWarning, stacklevel=2)
+    release_notice = "\n".join(filter(None, (warning, serial_reason)))
+    # the kernel's log now; the notebook at its first CASA call (tell_release)
+    warnings.warn(release_notice, UnreadReleaseWarning, stacklevel=2)
 
 
-def say_serial_reason() -> bool:
-    """Tell the cell why a parallel call runs serially; True if it does for that reason."""
-    if serial_reason is None or _session is None or not _session.active:
-        return False
-    print(f"casa-kernel: {serial_reason}", file=sys.stderr, flush=True)
-    return True
+def tell_release() -> None:
+    """Once per kernel, in the cell of the first call that reaches casatasks'
+    parallel layer: what the kernel has not read of this release, and what it
+    cannot serve (a notice at start-up goes to the kernel's log, not a notebook)."""
+    global _told
+    if release_notice and not _told:
+        _told = True
+        print(f"casa-kernel: {release_notice}", file=sys.stderr, flush=True)
 
 
 def install(session: Any) -> None:

@@ -220,9 +220,12 @@ def route_imaging(name: str) -> Any:
 
     def route(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params = _bound(task, args, kwargs)
+        bridge.tell_release()
         if not _active():
-            if bridge.say_serial_reason():
-                params["parallel"] = False
+            if bridge.serial_reason is not None:
+                if params.get("parallel"):
+                    say(f"{name}: parallel=True runs serially (see the casatasks release notice)")
+                    params["parallel"] = False
             elif name == "tclean" and params.get("parallel"):
                 print(
                     "casa-kernel: no servers are running: tclean(parallel=True) runs "

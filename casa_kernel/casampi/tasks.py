@@ -32,7 +32,6 @@ from casa_kernel.client.dispatch import Dispatcher, Job, Outcome
 from casa_kernel.server import engine
 
 _serial_call = False  # a call that must not see the servers (see _serially)
-_told_serial = False  # the cell was told why CASA's tasks run serially (bridge.serial_reason)
 
 
 # -- casampi.MPIEnvironment -----------------------------------------------------
@@ -43,9 +42,7 @@ class _EnvironmentMeta(type):
     def is_mpi_enabled(cls) -> bool:
         # Parallel exactly while a cluster is starting or running: one notebook,
         # both ways (no cluster: casatasks runs the same call serially).
-        global _told_serial
-        if not _told_serial and not _serial_call and bridge.say_serial_reason():
-            _told_serial = True  # once: casatasks reads this many times per call
+        bridge.tell_release()
         return _active() and not _serial_call
 
     @property
