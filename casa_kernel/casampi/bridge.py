@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -173,8 +174,13 @@ def serves(kind: str, name: str) -> bool:
         "core": imaging._InterfaceCore,
         "iface": imaging.MPIInterface,
     }.get(kind)
-    # type(...) too: MPIEnvironment's properties live on its metaclass
-    return served is not None and (hasattr(served, name) or hasattr(type(served), name))
+    # getattr_static: without running MPIEnvironment's properties (they live on
+    # its metaclass, and reading one tells the release notice)
+    missing = object()
+    return served is not None and any(
+        inspect.getattr_static(owner, name, missing) is not missing
+        for owner in (served, type(served))
+    )
 
 
 class UnreadReleaseWarning(UserWarning):
