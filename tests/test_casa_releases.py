@@ -91,3 +91,19 @@ def test_the_table_is_every_6_6_and_6_7_release_and_the_range_declared():
     run_here = sorted(r for r, release in private.RELEASES.items() if release.run_here)
     assert run_here == ["6.6.5.31", "6.7.0.31"]
     assert "\nsecond_release=6.6.5.31\n" in (root / ".ci" / "run").read_text()
+
+
+def test_the_docs_table_is_the_fences_table():
+    """docs/guide/casa-releases.md: one row per release of RELEASES, same Pythons,
+    same "run end to end here"."""
+    root = Path(__file__).resolve().parents[1]
+    rows = {}
+    for line in (root / "docs" / "guide" / "casa-releases.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0][:1].isdigit():
+            rows[cells[0]] = cells
+    assert sorted(rows) == sorted(private.RELEASES)
+    for name, release in private.RELEASES.items():
+        _, pythons, scanned, run_here = rows[name]
+        assert (pythons, scanned) == (release.pythons, "yes"), name
+        assert run_here.startswith("yes" if release.run_here else "no"), name
