@@ -59,6 +59,7 @@ def kernel(data):
         yield kc
 
 
+@pytest.mark.second_release
 def test_per_submms_summary_equals_serial(data, kernel, tmp_path):
     from casatasks import flagdata
 
@@ -83,6 +84,7 @@ def test_per_submms_summary_equals_serial(data, kernel, tmp_path):
         assert merged[axis] == serial[axis], axis
 
 
+@pytest.mark.second_release
 def test_transparent_rflag_equals_serial_and_runs_on_servers(data, kernel, tmp_path, casa_env):
     from casatasks import flagdata
 
@@ -222,6 +224,7 @@ def test_transparent_output_tasks_equal_serial(data, kernel, tmp_path, task, kwa
     assert total == pytest.approx(s_total, rel=1e-5)
 
 
+@pytest.mark.second_release
 def test_transparent_setjy_and_applycal_equal_serial(data, kernel, tmp_path):
     from casatasks import applycal, gaincal, setjy
 

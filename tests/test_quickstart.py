@@ -100,6 +100,7 @@ def test_packaged_notebook_is_the_repository_file_without_outputs() -> None:
 # --------------------------------------------------------------------------- run() for real
 
 
+@pytest.mark.second_release
 def test_quickstart_runs_to_the_end_with_sensible_numbers(
     first_run: tuple[Path, dict[str, Any]],
 ) -> None:

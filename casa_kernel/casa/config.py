@@ -76,6 +76,15 @@ def state_home(environ: Mapping[str, str], home: str | None = None) -> str:
     return os.path.join(home or os.path.expanduser("~"), ".local", "state")
 
 
+def cache_home(environ: Mapping[str, str], home: str | None = None) -> str:
+    """``$XDG_CACHE_HOME``, or ``~/.cache`` (also for a relative value): where
+    casa-kernel keeps what it can compute again (the contract scan of a release)."""
+    cache = environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(cache):
+        return cache
+    return os.path.join(home or os.path.expanduser("~"), ".cache")
+
+
 def default_log_dir() -> str:
     """The folder for CASA's log files, created (mode 0700) if missing.
 

@@ -3,13 +3,14 @@
 casatasks reaches MPI servers through ``casampi``, which it imports inside
 ``try`` blocks of private modules; casa-kernel serves that part of casampi
 (casa_kernel/casampi/bridge.py) and drives casatasks' parallel helpers. Everything
-private we depend on is named here: the release read and tested (checked at
-import), the module names and their ``mpi_available`` flags, the names a task
+private we depend on is named here: the releases read and tested (RELEASES: what
+each one needs of the kernel; an older one is refused at import, a newer one is
+scanned at start-up), the module names and their ``mpi_available`` flags, the names a task
 module reads casampi through, the commands of the continuum imager
 (``toolsi.<step>(...)``), the cube tasks' C++ MPI switch, and the one-second poll
 in ``parallel_imager_helper.checkJobs``. The casampi command and response forms
-casatasks uses are in the bridge, which serves them; tests/test_imaging.py scans
-casatasks' source and fails when an attribute it uses is not served.
+casatasks uses are in the bridge, which serves them; casa/contract.py scans
+casatasks' source for them (tests/test_casa_releases.py: every release in RELEASES).
 """
 
 from __future__ import annotations
@@ -20,17 +21,58 @@ import importlib.metadata
 import re
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from casa_kernel.errors import CasaKernelError
 
-# The casatasks releases whose private surface this module was read from and
-# tested against (pyproject pins the same).
-SUPPORTED_CASATASKS = ("6.7.0.31",)
+
+@dataclass(frozen=True)
+class Release:
+    """What one casatasks release's parallel layer is to the kernel, as read."""
+
+    # the CPython versions casatools has wheels for
+    # (`pip index versions casatools --only-binary :all: --python-version X`)
+    pythons: str
+    differs: str  # its parallel layer against 6.7.0.31's, and what the kernel does about it
+    run_here: bool = False  # also run end to end on this machine (CI: .ci/run)
+
+
+# Every casatasks release of 6.6 and 6.7 on PyPI: its wheel unzipped and its parallel
+# layer (parallel_task_helper, parallel_data_helper, parallel_imager_helper,
+# task_tclean, __init__) diffed against 6.7.0.31's, and scanned
+# (tests/test_casa_releases.py). What the kernel must do differently is nothing
+# so far: the casampi names, command forms and control flow it serves are the
+# same in all of them. A release that needs something of its own gets a field here.
+_SAME_67 = "the same as 6.7.0.31 (task_tclean: input checks moved to sanitize_tclean_inputs)"
+_PY2_66 = (
+    "the same names and control flow as 6.7.0.31; Python 2 / CASA 5 branches "
+    "(is_CASA6, mpi4casa) never taken in CASA 6"
+)
+RELEASES: dict[str, Release] = {
+    "6.6.0.20": Release("3.8, 3.10", _PY2_66 + "; task_tclean in its older form"),
+    "6.6.3.22": Release("3.8, 3.10", _PY2_66 + "; task_tclean in its older form"),
+    "6.6.4.34": Release("3.8, 3.10", _PY2_66),
+    "6.6.5.31": Release("3.8, 3.10, 3.11", _PY2_66, run_here=True),
+    "6.7.0.31": Release("3.10, 3.11, 3.12", "the release the kernel was written against", True),
+    "6.7.2.42": Release("3.12, 3.13", _SAME_67),
+    "6.7.3.21": Release("3.12, 3.13", _SAME_67),
+    "6.7.5.18": Release("3.12, 3.13", _SAME_67),
+    "6.7.6.14": Release("3.12, 3.13", _SAME_67),
+}
+
+
+def release_key(version: str) -> tuple[int, ...]:
+    """'6.7.0.31' -> (6, 7, 0, 31), for ordering releases (non-numbers count 0)."""
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+OLDEST_READ = min(RELEASES, key=release_key)
+NEWEST_READ = max(RELEASES, key=release_key)
 
 
 class UnsupportedCasaError(CasaKernelError, ImportError):
-    """casatasks is a release whose private parallel layer we have not read."""
+    """casatasks is missing, or older than every release whose parallel layer we read."""
 
 
 def _check_version() -> str:
@@ -40,15 +82,19 @@ def _check_version() -> str:
         version = importlib.metadata.version("casatasks")
     except importlib.metadata.PackageNotFoundError as exc:
         raise UnsupportedCasaError("casatasks is not installed") from exc
-    if version not in SUPPORTED_CASATASKS:
+    if release_key(version) < release_key(OLDEST_READ):
         raise UnsupportedCasaError(
-            f"casatasks {version} is installed; casa-kernel serves the private parallel "
-            f"layer of casatasks {', '.join(SUPPORTED_CASATASKS)} only"
+            f"casatasks {version} is installed; casa-kernel serves the parallel layer of "
+            f"casatasks {OLDEST_READ} to {NEWEST_READ} (and checks newer ones at start-up): "
+            f"pip install 'casatasks>={OLDEST_READ}' 'casatools>={OLDEST_READ}'"
         )
     return version
 
 
 CASATASKS_VERSION = _check_version()
+# A release not in RELEASES (a newer one): the kernel scans its parallel layer at
+# start-up instead (casampi/bridge.py's check_release) and runs.
+READ = CASATASKS_VERSION in RELEASES
 
 # casatasks' parallel layer for Multi-MS tasks (ParallelTaskHelper also merges
 # the per-sub-MS results: casa/merge.py).

@@ -36,14 +36,26 @@ served.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import os
 import sys
 import types
+import warnings
+from pathlib import Path
 from typing import Any
 
-from casa_kernel.casa.private import CPP_PARALLEL_TASKS, MPI_IMPORTERS
+from casa_kernel.casa import contract, private
+from casa_kernel.casa.config import cache_home
+from casa_kernel.casa.private import CPP_MPI_COMMAND, CPP_PARALLEL_TASKS, MPI_IMPORTERS
 from casa_kernel.errors import ClusterError, RemoteError
 
 _session: Any = None  # the kernel's ClusterSession
+# Why casatasks' parallel layer is not served (a release that uses a casampi name
+# the kernel does not serve): its tasks then run serially, as in plain CASA.
+serial_reason: str | None = None
+release_notice: str | None = None  # a release not in private.RELEASES: what was checked
+_told = False  # release_notice was shown in a cell
 
 
 # -- casampi numbering ---------------------------------------------------------
@@ -73,7 +85,7 @@ def _cluster() -> Any:
 
 
 def _active() -> bool:
-    return _session is not None and _session.active
+    return _session is not None and _session.active and serial_reason is None
 
 
 # -- casampi's commands and responses -------------------------------------------
@@ -142,6 +154,84 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# -- what the kernel serves, and a release it has not read ------------------------
+
+# casampi's modules, as casatasks imports them (contract.py's "module" kind)
+_MODULES = ("MPIEnvironment", "MPICommandClient", "MPIInterface")
+
+
+def serves(kind: str, name: str) -> bool:
+    """Does the kernel serve this casampi use (a :class:`contract.Use`'s kind, name)?"""
+    from casa_kernel.casampi import imaging, tasks
+
+    if kind == "module":
+        return name in _MODULES
+    if kind == "command":
+        return name == CPP_MPI_COMMAND  # casampi/cube.py runs cubes for it
+    served = {
+        "env": tasks.MPIEnvironment,
+        "client": tasks.MPICommandClient,
+        "core": imaging._InterfaceCore,
+        "iface": imaging.MPIInterface,
+    }.get(kind)
+    # getattr_static: without running MPIEnvironment's properties (they live on
+    # its metaclass, and reading one tells the release notice)
+    missing = object()
+    return served is not None and any(
+        inspect.getattr_static(owner, name, missing) is not missing
+        for owner in (served, type(served))
+    )
+
+
+class UnreadReleaseWarning(UserWarning):
+    """casatasks is newer than every release whose parallel layer was read."""
+
+
+def check_release(version: str, package_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
+    """A release not in private.RELEASES: scan its parallel layer (the contract
+    test's scan) -> (warning, why it cannot be served or None)."""
+    uses = contract.cached_scan(package_dir, version, cache_dir)
+    problems = contract.problems(uses, serves)
+    warning = (
+        f"casatasks {version} is newer than the releases casa-kernel was read and tested "
+        f"against ({private.OLDEST_READ} to {private.NEWEST_READ}): its parallel layer "
+        f"({package_dir}) was scanned for the casampi names it uses, not read"
+    )
+    if not problems:
+        return warning + "; every one is served.", None
+    reason = (
+        f"casatasks {version} uses what casa-kernel does not serve, so CASA's parallel tasks "
+        "run serially in the kernel (%%casa_parallel still uses the servers):\n  "
+        + "\n  ".join(problems)
+    )
+    return warning + ".", reason
+
+
+def _check_installed_release() -> None:
+    global serial_reason, release_notice
+    if private.READ:
+        return
+    spec = importlib.util.find_spec("casatasks")
+    if spec is None or not spec.submodule_search_locations:
+        return  # private.py refused it already
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    cache_dir = Path(cache_home(os.environ)) / "casa-kernel" / "contract"
+    warning, serial_reason = check_release(private.CASATASKS_VERSION, package_dir, cache_dir)
+    release_notice = "\n".join(filter(None, (warning, serial_reason)))
+    # the kernel's log now; the notebook at its first CASA call (tell_release)
+    warnings.warn(release_notice, UnreadReleaseWarning, stacklevel=2)
+
+
+def tell_release() -> None:
+    """Once per kernel, in the cell of the first call that reaches casatasks'
+    parallel layer: what the kernel has not read of this release, and what it
+    cannot serve (a notice at start-up goes to the kernel's log, not a notebook)."""
+    global _told
+    if release_notice and not _told:
+        _told = True
+        print(f"casa-kernel: {release_notice}", file=sys.stderr, flush=True)
+
+
 def install(session: Any) -> None:
     """Make ``import casampi...`` in this process find our client surface, and
     route the notebook's imaging tasks.
@@ -154,6 +244,7 @@ def install(session: Any) -> None:
 
     global _session
     _session = session
+    _check_installed_release()
     for name in MPI_IMPORTERS:
         helper = sys.modules.get(name)
         if helper is not None and not getattr(helper, "mpi_available", False):

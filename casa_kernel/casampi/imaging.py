@@ -24,6 +24,7 @@ from casa_kernel.casa.private import (
     imager_step,
 )
 from casa_kernel.casa.tasks import forget_failures
+from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
     _active,
@@ -219,8 +220,13 @@ def route_imaging(name: str) -> Any:
 
     def route(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params = _bound(task, args, kwargs)
+        bridge.tell_release()
         if not _active():
-            if name == "tclean" and params.get("parallel"):
+            if bridge.serial_reason is not None:
+                if params.get("parallel"):
+                    say(f"{name}: parallel=True runs serially (see the casatasks release notice)")
+                    params["parallel"] = False
+            elif name == "tclean" and params.get("parallel"):
                 print(
                     "casa-kernel: no servers are running: tclean(parallel=True) runs "
                     "serially (start servers with %casa_cluster start)",

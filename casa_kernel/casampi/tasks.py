@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from casa_kernel.casa import rerun, tasks
+from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
     _active,
@@ -41,6 +42,7 @@ class _EnvironmentMeta(type):
     def is_mpi_enabled(cls) -> bool:
         # Parallel exactly while a cluster is starting or running: one notebook,
         # both ways (no cluster: casatasks runs the same call serially).
+        bridge.tell_release()
         return _active() and not _serial_call
 
     @property
