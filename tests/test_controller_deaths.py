@@ -12,11 +12,14 @@ a network namespace whose range for outgoing connections is tiny.
 from __future__ import annotations
 
 import ast
+import glob
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -150,6 +153,45 @@ def test_controller_stopped_is_silent_not_dead(kc):
     _signal_all(_controller(kc), signal.SIGSTOP)
     text = _status_until(kc, "(lost: ")
     assert "is stopped (SIGSTOP)" in text, text
+    _next_cell_starts_a_new_cluster(kc, old)
+
+
+def test_controller_port_closed_under_it(kc):
+    """The hub's query port (where clients ask, and register) closed under it:
+    its listening socket and every connection to it destroyed (``ss -K``)."""
+    _ready(kc)
+    old = _cluster(kc)
+    pattern = (
+        f"casa-kernel-*/profile/security/ipcontroller-casa-kernel-{kernel_pid(kc.km)}-client.json"
+    )
+    (client_file,) = glob.glob(os.path.join(tempfile.gettempdir(), pattern))
+    with open(client_file) as f:
+        port = json.load(f)["registration"]
+    closed = subprocess.run(
+        [
+            "ss",
+            "-K",
+            "-a",
+            "-t",
+            "(",
+            "sport",
+            "=",
+            f":{port}",
+            "or",
+            "dport",
+            "=",
+            f":{port}",
+            ")",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert closed.returncode == 0, closed.stderr
+    text = _status_until(kc, "(lost: ")
+    # libzmq aborts the hub on a listening socket destroyed under it (SIGABRT);
+    # had it lived on deaf, it would be "did not answer for 4 s"
+    assert "lost: the controller's hub (pid" in text, text
+    assert "SIGABRT" in text or "did not answer for" in text, text
     _next_cell_starts_a_new_cluster(kc, old)
 
 
