@@ -195,6 +195,17 @@ def test_controller_port_closed_under_it(kc):
     _next_cell_starts_a_new_cluster(kc, old)
 
 
+def test_prterun_stopped_is_noticed(kc):
+    _ready(kc)
+    old = _cluster(kc)
+    prterun = [p for p in old if p.name() in ("prterun", "mpiexec")]
+    assert prterun
+    _signal_all(prterun, signal.SIGSTOP)
+    text = _status_until(kc, "(lost: ")
+    assert f"lost: the servers' mpiexec (pid {prterun[0].pid}) is stopped (SIGSTOP)" in text, text
+    _next_cell_starts_a_new_cluster(kc, old)
+
+
 def test_prterun_killed_gets_new_servers_and_leaves_no_old_server(kc):
     servers = [psutil.Process(pid) for pid in _ready(kc)]
     prterun = [p for p in _cluster(kc) if p.name() in ("prterun", "mpiexec")]
@@ -202,8 +213,9 @@ def test_prterun_killed_gets_new_servers_and_leaves_no_old_server(kc):
     _signal_all(prterun, signal.SIGKILL)
     reply = execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=120)
     assert reply.status == "ok", reply.error
-    assert "new servers started" in reply.stderr, reply.stderr
-    assert "mpiexec" in reply.stderr, reply.stderr
+    # replaced between cells, or during this one (then its jobs are re-run)
+    assert "the servers' mpiexec was killed by signal 9 (SIGKILL)" in reply.stderr, reply.stderr
+    assert "new servers" in reply.stderr, reply.stderr
     assert not _gone(servers + prterun), "servers of the killed mpiexec are still running"
 
 
