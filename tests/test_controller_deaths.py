@@ -12,11 +12,14 @@ a network namespace whose range for outgoing connections is tiny.
 from __future__ import annotations
 
 import ast
+import glob
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -153,6 +156,56 @@ def test_controller_stopped_is_silent_not_dead(kc):
     _next_cell_starts_a_new_cluster(kc, old)
 
 
+def test_controller_port_closed_under_it(kc):
+    """The hub's query port (where clients ask, and register) closed under it:
+    its listening socket and every connection to it destroyed (``ss -K``)."""
+    _ready(kc)
+    old = _cluster(kc)
+    pattern = (
+        f"casa-kernel-*/profile/security/ipcontroller-casa-kernel-{kernel_pid(kc.km)}-client.json"
+    )
+    (client_file,) = glob.glob(os.path.join(tempfile.gettempdir(), pattern))
+    with open(client_file) as f:
+        port = json.load(f)["registration"]
+    closed = subprocess.run(
+        [
+            "ss",
+            "-K",
+            "-a",
+            "-t",
+            "(",
+            "sport",
+            "=",
+            f":{port}",
+            "or",
+            "dport",
+            "=",
+            f":{port}",
+            ")",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert closed.returncode == 0, closed.stderr
+    text = _status_until(kc, "(lost: ")
+    # libzmq aborts the hub on a listening socket destroyed under it (SIGABRT);
+    # had it lived on deaf, it would be "did not answer for 4 s"
+    assert "lost: the controller's hub (pid" in text, text
+    assert "SIGABRT" in text or "did not answer for" in text, text
+    _next_cell_starts_a_new_cluster(kc, old)
+
+
+def test_prterun_stopped_is_noticed(kc):
+    _ready(kc)
+    old = _cluster(kc)
+    prterun = [p for p in old if p.name() in ("prterun", "mpiexec")]
+    assert prterun
+    _signal_all(prterun, signal.SIGSTOP)
+    text = _status_until(kc, "(lost: ")
+    assert f"lost: the servers' mpiexec (pid {prterun[0].pid}) is stopped (SIGSTOP)" in text, text
+    _next_cell_starts_a_new_cluster(kc, old)
+
+
 def test_prterun_killed_gets_new_servers_and_leaves_no_old_server(kc):
     servers = [psutil.Process(pid) for pid in _ready(kc)]
     prterun = [p for p in _cluster(kc) if p.name() in ("prterun", "mpiexec")]
@@ -160,8 +213,9 @@ def test_prterun_killed_gets_new_servers_and_leaves_no_old_server(kc):
     _signal_all(prterun, signal.SIGKILL)
     reply = execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=120)
     assert reply.status == "ok", reply.error
-    assert "new servers started" in reply.stderr, reply.stderr
-    assert "mpiexec" in reply.stderr, reply.stderr
+    # replaced between cells, or during this one (then its jobs are re-run)
+    assert "the servers' mpiexec was killed by signal 9 (SIGKILL)" in reply.stderr, reply.stderr
+    assert "new servers" in reply.stderr, reply.stderr
     assert not _gone(servers + prterun), "servers of the killed mpiexec are still running"
 
 

@@ -96,6 +96,9 @@ class ControllerWatch:
         self._info: dict[str, Any] | None = None
         self._halt = threading.Event()
         self._forked: dict[int, psutil.Process] = {}
+        # other processes the cluster cannot do without, watched for SIGSTOP only
+        # (their deaths have their own events): pid -> (process, name for the user)
+        self._also: dict[int, tuple[psutil.Process, str]] = {}
         self._stopped_since: dict[int, float] = {}
         self._thread = threading.Thread(
             target=self._run, name="casa-kernel-controller-watch", daemon=True
@@ -111,6 +114,13 @@ class ControllerWatch:
     def stop(self) -> None:
         """Stop watching (the cluster is being stopped on purpose); returns at once."""
         self._halt.set()
+
+    def also_watch(self, pid: int, name: str) -> None:
+        """Watch this process (``name``: "the servers' mpiexec") for being stopped."""
+        try:
+            self._also = {**self._also, pid: (psutil.Process(pid), name)}
+        except psutil.Error:
+            pass
 
     def processes(self) -> list[psutil.Process]:
         """The controller's processes seen so far (the hub first)."""
@@ -162,7 +172,9 @@ class ControllerWatch:
         if not _alive(self.hub) or any(not _alive(p) for p in self._forked.values()):
             time.sleep(EXIT_STATUS_WAIT / 4)  # a kill of the whole group: report it whole
             return self._deaths()
-        for proc in self.processes():
+        named = [(p, "the controller's forked process") for p in self._forked.values()]
+        named = [(self.hub, "the controller's hub"), *named, *self._also.values()]
+        for proc, name in named:
             try:
                 stopped = proc.status() == psutil.STATUS_STOPPED
             except psutil.Error:
@@ -171,8 +183,7 @@ class ControllerWatch:
                 self._stopped_since.pop(proc.pid, None)
                 continue
             if now - self._stopped_since.setdefault(proc.pid, now) >= STOPPED_GRACE:
-                which = "hub" if proc.pid == self.hub.pid else "forked process"
-                return f"the controller's {which} (pid {proc.pid}) is stopped (SIGSTOP)"
+                return f"{name} (pid {proc.pid}) is stopped (SIGSTOP)"
         return ""
 
     def _deaths(self) -> str:

@@ -327,6 +327,11 @@ class CasaCluster:
         files = await controller.get_connection_info()
         watch.connect(health.watch_info(files["client"], files["engine"]))
 
+    def watch_also(self, pid: int, name: str) -> None:
+        """A process the cluster cannot do without that the watch should see stopped."""
+        if self._watch is not None:
+            self._watch.also_watch(pid, name)
+
     def _halt_watch(self) -> None:
         watch, self._watch = self._watch, None
         if watch is not None:

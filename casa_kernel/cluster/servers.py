@@ -21,7 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from casa_kernel import preflight
-from casa_kernel.cluster import keyfile
+from casa_kernel.cluster import health, keyfile
 from casa_kernel.cluster.janitor import kill_now, reap
 from casa_kernel.cluster.launcher import death_cause
 from casa_kernel.cluster.state import State
@@ -79,6 +79,8 @@ class EngineSet:
             es_id = await ipp.start_engines(n)
             self.id, self.launcher = es_id, ipp.engines[es_id]
             self.launcher.on_stop(partial(c._on_engines_stopped, es_id))
+            if getattr(self.launcher, "pid", None):  # mpiexec here (not a batch job)
+                c.watch_also(self.launcher.pid, "the servers' mpiexec")
             c.janitor.track(self.launcher)
             client = c.client if c.client is not None else await ipp.connect_client()
             c.client = client
@@ -223,7 +225,7 @@ class EngineSet:
         text = death_cause(self.output(), hosts)
         code = (self._stop_data or {}).get("exit_code")
         if text.startswith("a server died") and code not in (None, 0):
-            text = f"the servers' mpiexec ended with exit code {code}"
+            text = f"the servers' mpiexec {health.describe_exit(code)}"
         return text
 
     def output(self) -> str:
