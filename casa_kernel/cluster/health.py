@@ -224,17 +224,22 @@ class _HubLine:
         self.asked = 0.0  # when the unanswered question was sent (0: none pending)
 
     def listen(self, seconds: float) -> None:
-        """Ask (unless a question is pending), then take what arrives for ``seconds``."""
+        """For ``seconds``: ask once (unless a question is pending), take what arrives.
+
+        Never returns early: an answer must not send the next question at once
+        (that would hammer the hub as fast as it answers)."""
+        end = time.monotonic() + seconds
         if not self.asked:
             self.session.send(self.query, "queue_request", {"targets": None, "verbose": False})
             self.asked = time.monotonic()
-        for sock, _ in self.poller.poll(timeout=int(seconds * 1000)):
-            while sock.poll(0):
-                sock.recv_multipart()
-            if sock is self.query:
-                self.asked = 0.0
-            else:
-                self.last_beat = time.monotonic()
+        while (left := end - time.monotonic()) > 0:
+            for sock, _ in self.poller.poll(timeout=max(1, int(left * 1000))):
+                while sock.poll(0):
+                    sock.recv_multipart()
+                if sock is self.query:
+                    self.asked = 0.0
+                else:
+                    self.last_beat = time.monotonic()
 
     def silence(self, now: float, hub_pid: int) -> str:
         """What has been silent too long ('' if nothing)."""
