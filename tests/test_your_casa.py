@@ -29,7 +29,7 @@ def _casampi_installed() -> str:
 
 
 def _json(kc, expression: str):
-    reply = execute(kc, f"import json; print(json.dumps({expression}))")
+    reply = execute(kc, f"import json, sys; print(json.dumps({expression}))")
     assert reply.status == "ok", reply.error + reply.traceback
     return json.loads(reply.stdout)
 
@@ -155,16 +155,24 @@ def test_mpicasa_script_runs_unchanged_in_parallel_equal_to_serial(
 # never returns: a broken installation on one node. Loaded by every Python
 # process of the kernel through PYTHONPATH; inert in the kernel (not an MPI rank).
 SITECUSTOMIZE = """\
-import importlib.abc, os, sys, time
+import importlib.abc, importlib.machinery, os, sys, time
 
-class _BrokenCasa(importlib.abc.MetaPathFinder):
+class _BrokenCasa(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
-        if name == "casatasks" and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
-            if {mode!r} == "hang":
-                while True:
-                    time.sleep(3600)
-            raise ImportError("casatasks is broken on this node (a test's sitecustomize)")
+        if name != "casatasks" or os.environ.get("OMPI_COMM_WORLD_RANK") != "1":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = self  # found where it is installed; its import breaks
+        return spec
+
+    def create_module(self, spec):
         return None
+
+    def exec_module(self, module):
+        if {mode!r} == "hang":
+            while True:
+                time.sleep(3600)
+        raise ImportError("casatasks is broken on this node (a test's sitecustomize)")
 
 sys.meta_path.insert(0, _BrokenCasa())
 """
@@ -179,9 +187,7 @@ START_TIMEOUT = "60"
         ("hang", f"import casatasks did not finish within {START_TIMEOUT} s"),
     ],
 )
-def test_server_that_cannot_import_casa_is_named_with_the_reason(
-    tmp_path, tiny_mms, mode, reason
-):
+def test_server_that_cannot_import_casa_is_named_with_the_reason(tmp_path, tiny_mms, mode, reason):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(mode=mode))
@@ -194,6 +200,7 @@ def test_server_that_cannot_import_casa_is_named_with_the_reason(
         assert reply.status == "ok", reply.error
         reply = execute(kc, f"flagdata(vis={str(mms)!r}, mode='summary')", timeout=300)
         assert reply.status == "error"
+        print(reply.evalue)  # what the user reads (pytest -s)
         assert "rank 1 on " in reply.evalue, reply.evalue
         assert reason in reply.evalue, reply.evalue
         if mode == "hang":  # where it is stuck: the test's endless sleep
