@@ -82,15 +82,17 @@ def test_from_casatasks_import_gives_the_notebooks_tasks(kernel):
         kernel,
         "import casatasks\n"
         "from casatasks import tclean as t1, flagdata as f1\n"
+        "from casatasks.split import split as s1\n"
         "ns = {}\n"
         "exec('from casatasks import *', ns)\n"
         "from casa_kernel.casa.tasks import CasaTask, routes\n"
-        "print([type(x).__name__ for x in (t1, f1, ns['split'], casatasks.applycal)], "
+        "print([type(x).__name__ for x in (t1, f1, ns['split'], casatasks.applycal, s1)], "
         "t1.name, 'tclean' in routes, t1 is casatasks.tclean, casatasks.casalog is not None)",
     )
     assert reply.status == "ok", reply.error + reply.traceback
     assert reply.stdout.split() == [
         "['CasaTask',",
+        "'CasaTask',",
         "'CasaTask',",
         "'CasaTask',",
         "'CasaTask']",

@@ -241,6 +241,10 @@ def _replace_tasks(module: Any) -> None:
         if task is not None and not isinstance(task, CasaTask):
             _originals[name] = task
             setattr(module, name, CasaTask(name))
+            # `from casatasks.tclean import tclean` reads the task's own module
+            submodule = sys.modules.get(f"{module.__name__}.{name}")
+            if submodule is not None and submodule.__dict__.get(name) is task:
+                setattr(submodule, name, module.__dict__[name])
 
 
 class _NotebookTasksFinder(importlib.abc.MetaPathFinder):
