@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -19,6 +20,15 @@ from kernels import execute, kernel_env, running_kernel
 
 # Where casampi is installed, what casatasks' import would load of it.
 CASAMPI_SERVER_LOOP = "casampi.private.start_mpi"
+
+
+# .ci/run's venv with casampi says which release it installed: the tests then
+# check it is what the kernel and its servers can import.
+EXPECT_CASAMPI = os.environ.get("EXPECT_CASAMPI", "")
+VERSION_OF_CASAMPI = (
+    "import importlib.metadata as m\n"
+    "try:\n    v = m.version('casampi')\nexcept m.PackageNotFoundError:\n    v = ''\n"
+)
 
 
 def _casampi_installed() -> str:
@@ -46,6 +56,10 @@ def kernel(tmp_path_factory, casa_env):
 
 def test_no_casampi_is_set_up_in_the_kernel_or_on_the_servers(kernel, tiny_mms):
     print(f"casampi installed: {_casampi_installed() or 'no'}")
+    if EXPECT_CASAMPI:
+        assert _casampi_installed() == EXPECT_CASAMPI
+        reply = execute(kernel, f"%%casa_parallel\n{VERSION_OF_CASAMPI}v")
+        assert reply.result == f"[{EXPECT_CASAMPI!r}, {EXPECT_CASAMPI!r}]", reply.error
     mms = shutil.copytree(tiny_mms, kernel.root / "probe.mms", symlinks=True)
     # a task on every server: casatasks is imported there
     reply = execute(kernel, f"flagdata(vis={str(mms)!r}, mode='summary')['total']")
