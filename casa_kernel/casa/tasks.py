@@ -103,7 +103,12 @@ def preload() -> None:
 
 def task_names() -> list[str]:
     """casatasks' task names, without importing casatasks (each has an XML)."""
-    spec = importlib.util.find_spec("casatasks")
+    try:
+        spec = importlib.util.find_spec("casatasks")
+    except (ImportError, ValueError):
+        # a broken installation: no names here; the first task call says why,
+        # naming the server (a server's set-up must not fail on it)
+        return []
     if spec is None or not spec.submodule_search_locations:
         return []
     xml_dir = Path(next(iter(spec.submodule_search_locations))) / "__xml__"
