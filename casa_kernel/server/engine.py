@@ -72,7 +72,7 @@ def setup_server(
     if preload_casa and "preload" not in _state:
         # MPI is initialised by now (the engine's --mpi), so casatools finds the
         # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
-        # casa_kernel.casa.tasks._casatasks imports numpy first (a deadlock otherwise).
+        # casa_kernel.casa.loading imports numpy first (a deadlock otherwise).
         _state["preload"] = threading.Thread(
             target=preload_casa_now, name="casa-preload", daemon=True
         )
