@@ -69,8 +69,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         START_TIMEOUT,
         "120",
-        "seconds the servers get to start and register (servers from the batch queue "
-        "get at least 3600)",
+        "seconds the servers get to start and register, and each server to import CASA "
+        "(servers from the batch queue get at least 3600)",
     ),
     Variable(
         CONTROLLER_LOCATION,

@@ -424,10 +424,30 @@ def test_failure_leaves_no_image_and_names_rank_and_host(root, kernel):
     assert not glob.glob(str(root / "bad.*"))
 
 
+def test_tclean_imported_from_casatasks_sends_a_cube_to_the_servers(root, kernel):
+    """A script written for mpicasa says `from casatasks import tclean`: the same
+    route as the notebook's tclean (the cube on the servers), equal to serial."""
+    reply = execute(kernel, "from casatasks import tclean as mpicasa_tclean")
+    assert reply.status == "ok", reply.error
+    params = dict(COMMON, specmode="cube", spw="0", niter=30, weighting="natural")
+    serial = _serial(root, "s_imported", **params)
+    parallel = _call_in_kernel(
+        kernel, "mpicasa_tclean", vis="obs.ms", imagename="p_imported", **params
+    )
+    assert "cube client on rank 0@" in LAST["reply"].stderr
+    assert_products_equal(root, "s_imported", "p_imported")
+    scale = float(np.abs(_pixels(str(root / "s_imported.image"))).max())
+    assert_returns_equal(serial, parallel, scale)
+
+
 def test_casatasks_own_tclean_on_a_cube_is_a_clear_error(root, kernel):
+    """casatasks' own task object, unrouted (the package's names are the
+    notebook's, so only code that kept the original reaches it): a cube then
+    says what to call."""
     reply = execute(
         kernel,
-        "from casatasks import tclean as casa_tclean\n"
+        "from casa_kernel.casa.tasks import _originals\n"
+        "casa_tclean = _originals['tclean']\n"
         "casa_tclean(vis='obs.ms', imagename='own', specmode='cube', imsize=32, "
         "cell='16arcsec', niter=0)",
     )

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import inspect
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from casa_kernel.casa import loading
 from casa_kernel.errors import RemoteError, ServerFailure
 
 _local = threading.local()
@@ -40,6 +44,9 @@ _quietened = False
 # name -> route(task, args, kwargs). Filled by casa_kernel.casampi.bridge, which lives
 # above casa/ (the ladder); casa/ only knows that a route may exist.
 routes: dict[str, Any] = {}
+# casatasks' own task objects by name, once the package's names are the
+# notebook's (the kernel process only: serve_notebook_tasks).
+_originals: dict[str, Any] = {}
 
 
 def record_failure(failure: ServerFailure) -> None:
@@ -59,17 +66,12 @@ def forget_failures() -> None:
 
 def _casatasks() -> Any:
     global _quietened
-    # numpy first, and fully: casatools' C++ static initialisers (casacore's numpy
-    # converters, table_getcoliter.cc) import numpy from INSIDE dlopen, i.e.
-    # holding the dynamic loader's lock. If numpy is not imported yet, that runs
-    # Python code, which hands the GIL to other threads; the first of them to load
-    # any extension module (the cluster thread importing ipyparallel, a cell's
-    # `import scipy`, mpi4py's MPI_Init) then waits for the loader lock while
-    # holding the GIL, and both threads wait forever (seen with py-spy: the kernel
-    # hung in dlopen of pyexpat vs casatools' _image.so). With numpy already in
-    # sys.modules the initialisers only look it up, GIL held.
-    importlib.import_module("numpy")
-    module = importlib.import_module("casatasks")
+    # casampi out first: what casatasks' import does with it never ends on a
+    # server (casa/loading.py); in the kernel the bridge's stand-in stays.
+    loading.keep_casampi_out()
+    # imported in ONE loader thread (numpy first: see loading.py), waited for
+    # with the servers' start-up limit
+    module = loading.casatasks_module()
     if not _quietened:
         module.casalog.filterMsg(_NOISE)
         # CASA echoes INFO lines of its tools (the simulator...) to the console,
@@ -84,7 +86,8 @@ def preload() -> None:
     """Import casatasks (and casatools under it) now, so the first task call does
     not pay for it. Runs in a background thread (kernel.py, engine.setup_server).
 
-    Safe in a thread: :func:`_casatasks` imports numpy before casatools.
+    Safe in a thread: the import runs in casa/loading.py's loader thread, numpy
+    before casatools.
     """
     _casatasks()
     from casa_kernel.casa.private import DATA_HELPER, TASK_HELPER
@@ -100,7 +103,12 @@ def preload() -> None:
 
 def task_names() -> list[str]:
     """casatasks' task names, without importing casatasks (each has an XML)."""
-    spec = importlib.util.find_spec("casatasks")
+    try:
+        spec = importlib.util.find_spec("casatasks")
+    except (ImportError, ValueError):
+        # a broken installation: no names here; the first task call says why,
+        # naming the server (a server's set-up must not fail on it)
+        return []
     if spec is None or not spec.submodule_search_locations:
         return []
     xml_dir = Path(next(iter(spec.submodule_search_locations))) / "__xml__"
@@ -123,7 +131,9 @@ class CasaTask:
         self.__qualname__ = name
 
     def _task(self) -> Any:
-        return getattr(_casatasks(), self.name)
+        module = _casatasks()
+        original = _originals.get(self.name)
+        return original if original is not None else getattr(module, self.name)
 
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
@@ -139,6 +149,11 @@ class CasaTask:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task = self._task()
+        if getattr(_local, "failures", None) is not None:
+            # Called from inside a task call of this thread (casatasks' serial
+            # ParallelTaskHelper runs `from casatasks import *; flagdata(...)` per
+            # sub-MS): that is casatasks' own call, done as casatasks does it.
+            return task(*args, **kwargs)
         outputvis = _argument(task, "outputvis", args, kwargs)
         # what this call may create, and what of it was there before
         made = [p for p in _partial_outputs(outputvis) if not os.path.lexists(p)]
@@ -202,3 +217,64 @@ def inject_tasks(user_ns: dict[str, Any]) -> None:
     """Put every CASA task in the namespace (not over names the user has)."""
     for name in task_names():
         user_ns.setdefault(name, CasaTask(name))
+
+
+def serve_notebook_tasks() -> None:
+    """From now on, casatasks' own task names in this process are the notebook's
+    :class:`CasaTask` objects: ``from casatasks import *``, ``from casatasks
+    import tclean`` or ``casatasks.flagdata`` in a cell or in a script written for
+    mpicasa (``%run``) get the same routes (cubes to the servers), the same
+    clean-up of half-made outputs and the same errors as the names the kernel puts
+    in the notebook. The kernel only (the bridge installs it); servers keep
+    casatasks' own functions.
+
+    Done while casatasks' ``__init__`` is executed (a finder on ``sys.meta_path``
+    wraps its loader), not after the import returns: a cell importing casatasks
+    while the preload thread imports it waits on the module lock and could
+    otherwise read the names before they were replaced.
+    """
+    module = sys.modules.get("casatasks")
+    if module is not None:
+        _replace_tasks(module)
+    elif not any(isinstance(f, _NotebookTasksFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NotebookTasksFinder())
+
+
+def _replace_tasks(module: Any) -> None:
+    for name in task_names():
+        task = module.__dict__.get(name)
+        if task is not None and not isinstance(task, CasaTask):
+            _originals[name] = task
+            setattr(module, name, CasaTask(name))
+            # `from casatasks.tclean import tclean` reads the task's own module
+            submodule = sys.modules.get(f"{module.__name__}.{name}")
+            if submodule is not None and submodule.__dict__.get(name) is task:
+                setattr(submodule, name, module.__dict__[name])
+
+
+class _NotebookTasksFinder(importlib.abc.MetaPathFinder):
+    """Finds casatasks where Python would, with a loader that replaces its task
+    names at the end of its ``__init__`` (see :func:`serve_notebook_tasks`)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "casatasks":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ReplacingLoader(spec.loader)
+        return spec
+
+
+class _ReplacingLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # get_source, resource readers...
+        return getattr(self.inner, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.inner.exec_module(module)
+        _replace_tasks(module)

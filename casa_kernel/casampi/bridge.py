@@ -21,7 +21,12 @@ unchanged, and the servers run the pieces:
   cubes run serially in the kernel.
 
 Why not a real ``casampi``: with it installed, ``import casatasks`` under
-mpiexec turns every rank > 0 into a casampi server and never returns.
+mpiexec turns every rank > 0 into a casampi server and never returns. Where
+casampi IS installed beside casatasks, this stand-in in ``sys.modules`` (here,
+before anything imports casatasks) hides it in the kernel: casatasks'
+``import casampi.private.start_mpi`` finds no such module here (the package has
+no path) and is skipped, so the kernel never sets up MPI through casampi; the
+servers hide it by ``sys.modules["casampi"] = None`` (casa/loading.py).
 
 casatasks' private names (module names, flags, the release checked at import)
 are in casa_kernel/casa/private.py, the fence; here are casampi's own forms: its
@@ -247,7 +252,12 @@ def install(session: Any) -> None:
     _check_installed_release()
     for name in MPI_IMPORTERS:
         helper = sys.modules.get(name)
-        if helper is not None and not getattr(helper, "mpi_available", False):
+        if helper is None:
+            continue
+        # imported without casampi (serial for good), or with a real casampi
+        # installed beside casatasks (its classes bound, not ours)
+        served = helper.__dict__.get("MPIEnvironment", tasks.MPIEnvironment)
+        if not getattr(helper, "mpi_available", False) or served is not tasks.MPIEnvironment:
             raise ClusterError(f"{name} was imported before casa-kernel's bridge was installed")
     package = types.ModuleType("casampi")
     package.__path__ = []  # a package, so `import casampi.X` looks in sys.modules
@@ -265,3 +275,6 @@ def install(session: Any) -> None:
         sys.modules[f"casampi.{attr}"] = module
     for name in CPP_PARALLEL_TASKS:
         casa_tasks.routes[name] = imaging.route_imaging(name)
+    # `from casatasks import tclean` (a cell, a script for mpicasa) gets the
+    # notebook's task objects, routes included
+    casa_tasks.serve_notebook_tasks()

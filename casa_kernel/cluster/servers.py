@@ -149,7 +149,9 @@ class EngineSet:
         from casa_kernel.server import engine
 
         c = self.cluster
-        ar = client[sorted(client.ids)].apply_async(engine.setup_server, c.config.preload_casa)
+        ar = client[sorted(client.ids)].apply_async(
+            engine.setup_server, c.config.preload_casa, c.config.start_timeout
+        )
         infos = await asyncio.wrap_future(ar)
         # keyed by engine id; engine ids need not equal ranks after a replacement
         c.servers = {

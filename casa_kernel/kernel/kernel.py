@@ -60,7 +60,7 @@ class CasaKernel(IPythonKernel):
         # Before any other thread exists: every later load of casatools, in any
         # thread (the preload, a cell's `import casatasks`), then finds numpy
         # imported, which its static initialisers need to avoid a deadlock
-        # (see casa_kernel.casa.tasks._casatasks).
+        # (see casa_kernel.casa.loading, which imports casatasks).
         import numpy  # noqa: F401
 
         from casa_kernel.casa import config, logs, tasks

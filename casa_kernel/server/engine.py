@@ -28,7 +28,9 @@ def _user_ns() -> dict[str, Any]:
     return shell.user_ns
 
 
-def setup_server(preload_casa: bool = False) -> tuple[int, str, int]:
+def setup_server(
+    preload_casa: bool = False, casa_timeout: float | None = None
+) -> tuple[int, str, int]:
     """Bind ``rank``, ``size``, ``comm`` and ``MPI`` in the server's namespace.
 
     With ``preload_casa`` a background thread starts importing CASA, as mpicasa's
@@ -36,8 +38,18 @@ def setup_server(preload_casa: bool = False) -> tuple[int, str, int]:
     meanwhile (one that needs CASA waits on Python's import lock). Started here,
     after registration, not at process start: a thread importing casatools holds
     the GIL for long stretches and delayed a server's registration by ~5 s.
+    ``casa_timeout`` (the cluster's start_timeout) bounds the wait for CASA's
+    import: a server that cannot import it says why, naming itself, in the
+    first task that needs it, never an endless wait (casa/loading.py).
     Returns (rank, host, pid) so the client knows where each server runs.
     """
+    from casa_kernel.casa import loading
+
+    # Before anything can import casatasks here: with casampi installed beside
+    # it, casatasks' import would make this rank a casampi server for good.
+    loading.keep_casampi_out()
+    if casa_timeout is not None:
+        loading.limit = casa_timeout
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -60,7 +72,7 @@ def setup_server(preload_casa: bool = False) -> tuple[int, str, int]:
     if preload_casa and "preload" not in _state:
         # MPI is initialised by now (the engine's --mpi), so casatools finds the
         # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
-        # casa_kernel.casa.tasks._casatasks imports numpy first (a deadlock otherwise).
+        # casa_kernel.casa.loading imports numpy first (a deadlock otherwise).
         _state["preload"] = threading.Thread(
             target=preload_casa_now, name="casa-preload", daemon=True
         )
