@@ -114,9 +114,30 @@ def server_failure(
     name received from a server is not something to do).
     """
     cls = _failure_type(ename)
-    failure = cls.__new__(cls)
+    try:
+        failure = _instance(cls, evalue, traceback)
+    except TypeError:
+        # a built-in whose constructor we cannot satisfy: the plain class,
+        # which still names the remote type (``ename``) with rank and host
+        _failure_types[ename] = cls = ServerFailure
+        failure = ServerFailure.__new__(ServerFailure)
     ServerFailure.__init__(failure, rank, host, ename, evalue, traceback, submms)
     return failure
+
+
+def _instance(cls: type[ServerFailure], evalue: str, traceback: str) -> ServerFailure:
+    """An uninitialised ``cls``: built-ins differ in what their ``__new__`` needs."""
+    groups = getattr(builtins, "BaseExceptionGroup", ())  # Python >= 3.11
+    if groups and issubclass(cls, groups):
+        # needs a message and a non-empty list: the sub-exceptions exist only as
+        # text in the server's traceback, which becomes the one member
+        member = RemoteTraceback(traceback or evalue)
+        return cls.__new__(cls, evalue, [member])  # type: ignore[call-arg]
+    try:
+        return cls.__new__(cls)
+    except TypeError:
+        # MemoryError's __new__ (a free list) refuses heap subclasses
+        return Exception.__new__(cls)
 
 
 def _failure_type(ename: str) -> type[ServerFailure]:
