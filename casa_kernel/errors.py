@@ -10,6 +10,7 @@ host and sub-MS -- what mpi4py.futures does by re-raising with ``__cause__``.
 from __future__ import annotations
 
 import builtins
+import os
 from typing import Any
 
 
@@ -21,6 +22,39 @@ class CasaKernelError(Exception):
         # line, host, sub-MS or rank at fault; casa-kernel's own frames would
         # only hide it (servers' tracebacks are in the message of RemoteError).
         return [f"{type(self).__name__}: {self}"]
+
+
+class SettingError(CasaKernelError, ValueError):
+    """A setting (an environment variable) has a value that cannot be used; the
+    message names the variable and the value."""
+
+
+class WorkdirError(CasaKernelError, FileNotFoundError):
+    """The kernel's working directory no longer exists (servers follow it)."""
+
+    def __init__(self, path: str):
+        self.message = (
+            f"the kernel's working directory {path} no longer exists; the servers work "
+            "in the kernel's directory: change to an existing one first (%cd DIR or "
+            "os.chdir(DIR))"
+        )
+        Exception.__init__(self, self.message)
+        self.filename = path
+
+    def __str__(self) -> str:  # not OSError's "[Errno None] None: ..."
+        return self.message
+
+
+def kernel_cwd() -> str:
+    """``os.getcwd()``, or a WorkdirError naming the directory when it was removed."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        try:
+            path = os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
+        except OSError:
+            path = os.environ.get("PWD", "(unknown)")
+        raise WorkdirError(path) from None
 
 
 class HostfileError(CasaKernelError, ValueError):

@@ -19,7 +19,6 @@ functions, tested by tables.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ from casa_kernel.client.jobs import (
 from casa_kernel.client.progress import Tracker
 from casa_kernel.cluster.lifecycle import CasaCluster
 from casa_kernel.display import StreamPrinter, server_label
-from casa_kernel.errors import ClusterError, RemoteError
+from casa_kernel.errors import ClusterError, RemoteError, kernel_cwd
 from casa_kernel.server import engine
 
 # Upper bound on the time between two relays of servers' output.
@@ -72,7 +71,7 @@ class Dispatcher:
         """Run ``code`` on every server; return values in rank order."""
         ranks = range(self.cluster.config.nservers)
         # one tuple for all: submitted as one DirectView apply
-        args = (code, None, os.getcwd())
+        args = (code, None, kernel_cwd())
         jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
         self.unit, self.show_after = "servers", SPMD_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
@@ -86,7 +85,7 @@ class Dispatcher:
         self, code: str, submms: list[str], vis: str, timeout: float | None = None
     ) -> SubMSResults:
         """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
-        cwd = os.getcwd()
+        cwd = kernel_cwd()
         jobs = [Job(path, engine.run_cell, (code, {"vis": path}, cwd)) for path in submms]
         self.unit, self.show_after = "sub-MS", SUBMMS_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
