@@ -26,6 +26,7 @@ def kc(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("odd")
     with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(workdir)) as (km, kc):
         kc.workdir = str(workdir)
+        kc.km = km
         reply = execute(kc, "%%casa_parallel\nrank")
         assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
         yield kc
@@ -136,6 +137,32 @@ def test_every_exception_type_arrives_with_rank_and_host(kc, raise_it, ename, bu
         assert ename in failure["mro"], failure
     else:  # named, not rebuilt: a user's or a library's class is not imported
         assert failure["mro"][0] == "ServerFailure"
+
+
+# -- output past the limit --------------------------------------------------------
+
+
+def test_output_past_the_limit_is_dropped_said_once_and_kept_in_a_file(kc):
+    import psutil
+    from kernels import kernel_pid
+
+    cell = (
+        "%%casa_parallel\nimport sys\n"
+        "for i in range(30):\n    sys.stdout.write(('x' * 1023 + '\\n') * 1024)\nrank"
+    )
+    kernel = psutil.Process(kernel_pid(kc.km))
+    before = kernel.memory_info().rss
+    reply = execute(kc, cell, timeout=600)
+    assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+    per_rank = reply.stdout.count("[rank 0@")
+    assert 10 * 1024 - 2 <= per_rank <= 10 * 1024 + 1  # 10 MB of 1 KiB lines
+    notes = [line for line in reply.stderr.splitlines() if "was not sent" in line]
+    assert len(notes) == 2 and "20.0 MB of output past the 10 MB" in notes[0], notes
+    kept = notes[0].split("the full text is in ")[1].rstrip("]")
+    assert os.path.getsize(kept) >= 20 * 2**20
+    # 60 MB printed; without the limit the kernel grew by ~7x what it relayed
+    # (issue 21: 100 MB printed, 717 MiB); measured here: ~70 MiB
+    assert kernel.memory_info().rss - before < 150 * 2**20
 
 
 # -- case 6: the servers' working directory -------------------------------------------

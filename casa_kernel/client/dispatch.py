@@ -166,10 +166,12 @@ class Dispatcher:
             words += [f"{failed} failed"] if failed else []
             tracker.finish(handles, ", ".join(words))
         died = self.cluster.last_cause or "its server died"
-        return [
+        outcomes = [
             placed(outcome_of(job, h, died, MAX_RECOVERIES + 1), self.output.info(h.engine_id()))
             for job, h in zip(jobs, handles)
         ]
+        self.output.release(handles)
+        return outcomes
 
     def submit(self, jobs: list[Job], deadline: float | None = None) -> list[Handle]:
         """Send the jobs to the servers; one Handle per job.
@@ -270,6 +272,16 @@ class ServerOutput:
                 if len(text) > done:
                     self.printer.write(self.label(eid), name, text[done:])
                     self._seen[key] = len(text)
+
+    def release(self, handles: list[Handle]) -> None:
+        """Drop relayed output from ipyparallel's metadata, which the client keeps
+        for every request of the session (up to 10 MB per server per cell)."""
+        for handle in handles:
+            md = handle.metadata
+            for name in ("stdout", "stderr"):
+                if md.get(name):
+                    md[name] = ""
+                self._seen.pop((handle.msg_id, name), None)
 
     def names(self, eids: set[int]) -> str:
         return ", ".join(self.label(e) for e in sorted(eids))

@@ -196,7 +196,17 @@ def _relay_casa_log() -> None:
     """Print this server's new CASA warnings and errors, so they reach the notebook.
 
     CASA logs to one file per server; only WARN and SEVERE lines are relayed.
+    Ends the request's output: what went past the output limit is said here.
     """
+    try:
+        _relay_new_log_lines()
+    finally:
+        from casa_kernel.server.output import end_request
+
+        end_request()
+
+
+def _relay_new_log_lines() -> None:
     tail = _state.get("log_tail")
     # nothing can have been logged before CASA was imported (and it saves a stat
     # of the log file on every dispatch of a CASA-free cell)
