@@ -57,6 +57,13 @@ def kernel_cwd() -> str:
         raise WorkdirError(path) from None
 
 
+class SpaceError(CasaKernelError, OSError):
+    """A task's output does not fit on its file system; names task and path."""
+
+    def __str__(self) -> str:  # not OSError's "[Errno ...]" form
+        return str(self.args[0])
+
+
 class HostfileError(CasaKernelError, ValueError):
     """A hostfile line is malformed; names the file and the line."""
 

@@ -258,3 +258,40 @@ def test_bad_settings_are_said_in_the_first_cell(tmp_path):
         assert execute(kc, "2 + 2").stderr == ""  # said once
         cell = execute(kc, "%%casa_parallel\nrank")
         assert "CASA_KERNEL_MPI_ARGS" in cell.error
+
+
+# -- case 4: a full disk --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (root only), unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("task", ["split", "mstransform", "partition"])
+def test_full_disk_is_refused_naming_task_and_path_and_leaves_nothing(
+    kc, tiny_mms, small_disk, tmp_path, task
+):
+    mms = tmp_path / "in.mms"
+    shutil.copytree(tiny_mms, mms, symlinks=True)
+    # leave less room than the input takes
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (8 * 2**20 - 64 * 1024))
+    out = small_disk / "out.mms"
+    extra = ", createmms=True" if task == "partition" else ", datacolumn='data'"
+    reply = execute(kc, f"{task}(vis={str(mms)!r}, outputvis={str(out)!r}{extra})")
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.traceback
+    assert f"{task}: no space left on {small_disk}" in reply.evalue
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+    _alive(kc)
