@@ -14,6 +14,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without what UTF-8 cannot encode (lone surrogates become U+FFFD):
+    the kernel's own messages to the front end would fail on them."""
+    return _SURROGATES.sub("\ufffd", text)
+
 
 class StreamPrinter:
     """Re-emits servers' stdout/stderr as whole lines with a rank@host prefix.
@@ -35,7 +43,7 @@ class StreamPrinter:
 
     def write(self, label: str, name: str, text: str) -> None:
         key = (label, name)
-        buf = self._pending.get(key, "") + text
+        buf = self._pending.get(key, "") + clean_text(text)
         *lines, rest = buf.split("\n")
         self._pending[key] = rest
         if lines:

@@ -10,6 +10,7 @@ host and sub-MS -- what mpi4py.futures does by re-raising with ``__cause__``.
 from __future__ import annotations
 
 import builtins
+import os
 from typing import Any
 
 
@@ -21,6 +22,46 @@ class CasaKernelError(Exception):
         # line, host, sub-MS or rank at fault; casa-kernel's own frames would
         # only hide it (servers' tracebacks are in the message of RemoteError).
         return [f"{type(self).__name__}: {self}"]
+
+
+class SettingError(CasaKernelError, ValueError):
+    """A setting (an environment variable) has a value that cannot be used; the
+    message names the variable and the value."""
+
+
+class WorkdirError(CasaKernelError, FileNotFoundError):
+    """The kernel's working directory no longer exists (servers follow it)."""
+
+    def __init__(self, path: str):
+        self.message = (
+            f"the kernel's working directory {path} no longer exists; the servers work "
+            "in the kernel's directory: change to an existing one first (%cd DIR or "
+            "os.chdir(DIR))"
+        )
+        Exception.__init__(self, self.message)
+        self.filename = path
+
+    def __str__(self) -> str:  # not OSError's "[Errno None] None: ..."
+        return self.message
+
+
+def kernel_cwd() -> str:
+    """``os.getcwd()``, or a WorkdirError naming the directory when it was removed."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        try:
+            path = os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
+        except OSError:
+            path = os.environ.get("PWD", "(unknown)")
+        raise WorkdirError(path) from None
+
+
+class SpaceError(CasaKernelError, OSError):
+    """A task's output does not fit on its file system; names task and path."""
+
+    def __str__(self) -> str:  # not OSError's "[Errno ...]" form
+        return str(self.args[0])
 
 
 class HostfileError(CasaKernelError, ValueError):
@@ -119,9 +160,30 @@ def server_failure(
     name received from a server is not something to do).
     """
     cls = _failure_type(ename)
-    failure = cls.__new__(cls)
+    try:
+        failure = _instance(cls, evalue, traceback)
+    except TypeError:
+        # a built-in whose constructor we cannot satisfy: the plain class,
+        # which still names the remote type (``ename``) with rank and host
+        _failure_types[ename] = cls = ServerFailure
+        failure = ServerFailure.__new__(ServerFailure)
     ServerFailure.__init__(failure, rank, host, ename, evalue, traceback, submms)
     return failure
+
+
+def _instance(cls: type[ServerFailure], evalue: str, traceback: str) -> ServerFailure:
+    """An uninitialised ``cls``: built-ins differ in what their ``__new__`` needs."""
+    groups = getattr(builtins, "BaseExceptionGroup", ())  # Python >= 3.11
+    if groups and issubclass(cls, groups):
+        # needs a message and a non-empty list: the sub-exceptions exist only as
+        # text in the server's traceback, which becomes the one member
+        member = RemoteTraceback(traceback or evalue)
+        return cls.__new__(cls, evalue, [member])  # type: ignore[call-arg]
+    try:
+        return cls.__new__(cls)
+    except TypeError:
+        # MemoryError's __new__ (a free list) refuses heap subclasses
+        return Exception.__new__(cls)
 
 
 def _failure_type(ename: str) -> type[ServerFailure]:

@@ -49,11 +49,22 @@ def test_servers_follow_the_kernels_working_directory(kc, tmp_path):
     assert ast.literal_eval(reply.result) == [str(tmp_path)] * 2
 
 
-def test_out_refuses_keywords_and_warns_before_hiding_a_task(kc):
+@pytest.mark.parametrize("name", ["get_ipython", "In", "Out", "exit", "quit", "casa_cluster", "_2"])
+def test_out_refuses_names_the_kernel_relies_on(kc, name):
+    reply = execute(kc, f"%%casa_parallel --out {name}\nrank")
+    assert f"the kernel or IPython relies on {name}" in reply.error
+    # nothing was stored: the magics still work
+    assert execute(kc, "%%casa_parallel\nrank").result == "[0, 1]"
+
+
+def test_out_refuses_keywords_and_hides_a_task_only_when_forced(kc):
     reply = execute(kc, "%%casa_parallel --out class\nrank")
     assert reply.status == "error" or reply.error
     assert "--out 'class' is not a valid variable name" in reply.error
     reply = execute(kc, "%%casa_parallel --out flagdata\nrank")
+    assert "would hide the CASA task flagdata()" in reply.error and "--force" in reply.error
+    assert execute(kc, "type(flagdata).__name__").result == "'CasaTask'"
+    reply = execute(kc, "%%casa_parallel --out flagdata --force\nrank")
     assert reply.status == "ok"
     assert "hides the CASA task flagdata()" in reply.stderr
     assert execute(kc, "flagdata").result == "[0, 1]"

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from importlib import resources
 
 from casa_kernel import variables
+from casa_kernel.errors import SettingError
 
 SITECONFIG_VAR = "CASASITECONFIG"
 # Names one kernel's log files (``kernel<pid>``): notebooks running at the same
@@ -85,7 +86,7 @@ def cache_home(environ: Mapping[str, str], home: str | None = None) -> str:
     return os.path.join(home or os.path.expanduser("~"), ".cache")
 
 
-def default_log_dir() -> str:
+def default_log_dir(use_setting: bool = True) -> str:
     """The folder for CASA's log files, created (mode 0700) if missing.
 
     The folder ``variables.LOG_DIR`` names if set; else ``$XDG_STATE_HOME/casa-kernel/logs``
@@ -94,9 +95,16 @@ def default_log_dir() -> str:
     If that cannot be created (read-only or missing home), a per-user folder
     under the temp dir.  Never the current directory.
     """
-    configured = os.environ.get(variables.LOG_DIR)
+    configured = os.environ.get(variables.LOG_DIR) if use_setting else None
     if configured:
-        return _private_dir(os.path.abspath(os.path.expanduser(configured)))
+        try:
+            return _private_dir(os.path.abspath(os.path.expanduser(configured)))
+        except OSError as exc:
+            # names the setting: the kernel reports it and falls back
+            raise SettingError(
+                f"{variables.LOG_DIR}={configured!r} cannot be used as the log folder "
+                f"({exc.strerror or exc})"
+            ) from exc
     try:
         return _private_dir(os.path.join(state_home(os.environ), "casa-kernel", "logs"))
     except OSError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from casa_kernel.casa import loading
-from casa_kernel.errors import RemoteError, ServerFailure
+from casa_kernel.errors import RemoteError, ServerFailure, SpaceError
 
 _local = threading.local()
 
@@ -157,6 +157,8 @@ class CasaTask:
         outputvis = _argument(task, "outputvis", args, kwargs)
         # what this call may create, and what of it was there before
         made = [p for p in _partial_outputs(outputvis) if not os.path.lexists(p)]
+        if made:
+            _check_space(self.name, _argument(task, "vis", args, kwargs), made[0])
         _local.failures = failures = []
         route = routes.get(self.name)
         try:
@@ -171,11 +173,60 @@ class CasaTask:
         ]
         if real:
             _remove_outputs(made)
+            for failure in real:
+                if "No space left on device" in failure.evalue + failure.traceback:
+                    where = f" (sub-MS {failure.submms})" if failure.submms else ""
+                    failure.evalue = (
+                        f"{self.name}{where}: no space left on {_mount_of(made[0])} "
+                        f"writing {made[0]}: {failure.evalue}"
+                    )
             raise RemoteError(real, results=ret)
         # CASA's folder of sub-MS outputs is moved into the Multi-MS when all
         # went well; what is left of it was never part of a result.
         _remove_outputs([p for p in made if p.endswith(".data")])
         return ret
+
+
+def _mount_of(path: str) -> str:
+    """The mount point of the file system that holds (or will hold) ``path``."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _check_space(taskname: str, vis: Any, output: str) -> None:
+    """Refuse, before anything runs, an output that cannot fit where it goes.
+
+    A full disk in the middle of a parallel task ends in casacore's C++ (the
+    output Multi-MS is assembled in the kernel): an AipsError thrown through C++
+    aborted the kernel process. The output of split, mstransform or partition
+    is at most about the input's size (averaging makes it smaller, so this errs
+    on the side of refusing)."""
+    if not isinstance(vis, str) or not os.path.isdir(vis):
+        return
+    folder = os.path.dirname(os.path.abspath(output)) or "."
+    if not os.path.isdir(folder):
+        return
+    free = shutil.disk_usage(folder).free
+    need = _du(vis)
+    if need > free:
+        raise SpaceError(
+            f"{taskname}: no space left on {_mount_of(folder)} for {output}: the input "
+            f"{vis} takes {need / 2**20:.1f} MB, {free / 2**20:.1f} MB are free; "
+            "nothing was written"
+        )
 
 
 def _argument(task: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import types
 import uuid
 from typing import Any
@@ -29,6 +28,7 @@ from casa_kernel.casampi.bridge import (
 )
 from casa_kernel.client import progress
 from casa_kernel.client.dispatch import Dispatcher, Job, Outcome
+from casa_kernel.errors import kernel_cwd
 from casa_kernel.server import engine
 
 _serial_call = False  # a call that must not see the servers (see _serially)
@@ -134,7 +134,7 @@ class MPICommandClient:
             # an exact re-run of an in-place task needs under it (casa/rerun.py).
             # The servers work in the kernel's folder: relative outputs land together.
             token = uuid.uuid4().hex
-            func, args = engine.run_casa_task, (taskname, params, token, os.getcwd())
+            func, args = engine.run_casa_task, (taskname, params, token, kernel_cwd())
             label = str(params.get("vis", taskname))
         else:
             func, args, label = engine.run_command, (command,), command

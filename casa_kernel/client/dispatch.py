@@ -19,7 +19,6 @@ functions, tested by tables.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ from casa_kernel.client.jobs import (
 from casa_kernel.client.progress import Tracker
 from casa_kernel.cluster.lifecycle import CasaCluster
 from casa_kernel.display import StreamPrinter, server_label
-from casa_kernel.errors import ClusterError, RemoteError
+from casa_kernel.errors import ClusterError, RemoteError, kernel_cwd
 from casa_kernel.server import engine
 
 # Upper bound on the time between two relays of servers' output.
@@ -72,7 +71,7 @@ class Dispatcher:
         """Run ``code`` on every server; return values in rank order."""
         ranks = range(self.cluster.config.nservers)
         # one tuple for all: submitted as one DirectView apply
-        args = (code, None, os.getcwd())
+        args = (code, None, kernel_cwd())
         jobs = [Job(f"rank {r}", engine.run_cell, args, target=r) for r in ranks]
         self.unit, self.show_after = "servers", SPMD_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
@@ -86,7 +85,7 @@ class Dispatcher:
         self, code: str, submms: list[str], vis: str, timeout: float | None = None
     ) -> SubMSResults:
         """Run ``code`` once per sub-MS (``vis`` bound to it), load-balanced."""
-        cwd = os.getcwd()
+        cwd = kernel_cwd()
         jobs = [Job(path, engine.run_cell, (code, {"vis": path}, cwd)) for path in submms]
         self.unit, self.show_after = "sub-MS", SUBMMS_SHOW_AFTER
         outcomes = self.execute(jobs, timeout)
@@ -167,10 +166,12 @@ class Dispatcher:
             words += [f"{failed} failed"] if failed else []
             tracker.finish(handles, ", ".join(words))
         died = self.cluster.last_cause or "its server died"
-        return [
+        outcomes = [
             placed(outcome_of(job, h, died, MAX_RECOVERIES + 1), self.output.info(h.engine_id()))
             for job, h in zip(jobs, handles)
         ]
+        self.output.release(handles)
+        return outcomes
 
     def submit(self, jobs: list[Job], deadline: float | None = None) -> list[Handle]:
         """Send the jobs to the servers; one Handle per job.
@@ -272,6 +273,16 @@ class ServerOutput:
                 if len(text) > done:
                     self.printer.write(self.label(eid), name, text[done:])
                     self._seen[key] = len(text)
+
+    def release(self, handles: list[Handle]) -> None:
+        """Drop relayed output from ipyparallel's metadata, which the client keeps
+        for every request of the session (up to 10 MB per server per cell)."""
+        for handle in handles:
+            md = handle.metadata
+            for name in ("stdout", "stderr"):
+                if md.get(name):
+                    md[name] = ""
+                self._seen.pop((handle.msg_id, name), None)
 
     def names(self, eids: set[int]) -> str:
         return ", ".join(self.label(e) for e in sorted(eids))

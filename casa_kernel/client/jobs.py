@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from casa_kernel.display import clean_text
 from casa_kernel.errors import ServerFailure, server_failure
 
 
@@ -152,7 +153,9 @@ def failure_from(exc: BaseException) -> ServerFailure:
     tb = getattr(exc, "traceback", "") or ""
     if isinstance(tb, list):
         tb = "\n".join(tb)
-    return server_failure(None, None, ename, evalue, trim_traceback(tb))
+    return server_failure(
+        None, None, clean_text(ename), clean_text(evalue), clean_text(trim_traceback(tb))
+    )
 
 
 def outcome_of(job: Job, handle: Handle, died: str, tries: int) -> Outcome:
@@ -160,6 +163,13 @@ def outcome_of(job: Job, handle: Handle, died: str, tries: int) -> Outcome:
     one of ``tries`` runs fails as ServerDied, with ``died`` (why the servers
     were last replaced) as the cause: never ipyparallel's words."""
     outcome = Outcome(job)
+    if not handle.ready():
+        # still "running" on a world that ended after the last allowed
+        # recovery: its result will never come (never "Result not ready")
+        outcome.failure = server_failure(
+            None, None, "ServerDied", f"{died} while running it, each of {tries} times"
+        )
+        return outcome
     try:
         outcome.value = handle.value()
     except Exception as exc:

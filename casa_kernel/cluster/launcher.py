@@ -69,21 +69,50 @@ class CasaEngineSetLauncher(MPIEngineSetLauncher):
         return argv
 
     def get_output(self, remove: bool = False) -> str:
-        # ipyparallel caches the first read: a read during the start would hide
-        # what mpiexec says when it ends. Read the file each time instead.
+        # ipyparallel caches the first read (a read during the start would hide
+        # what mpiexec says when it ends) and decodes strictly: a server's C
+        # library writing bytes that are not UTF-8 to fd 1/2 made the read raise
+        # in the stop callback, and the death was never recovered. Read the
+        # file's tail each time, undecodable bytes replaced.
         self._output = None
+        self._output = read_tail(self.output_file)
         return str(super().get_output(remove=remove))
 
     def _log_output(self, stop_data: Any = None) -> None:
         # ipyparallel logs the whole output at WARNING when mpiexec ends badly,
         # which lands in the notebook; keep it in a file and for our messages.
-        self.final_output = self.get_output(remove=False)
-        if self.output_log and self.final_output:
-            with open(self.output_log, "a") as f:
-                f.write(f"--- mpiexec {self.identifier} ended: {stop_data}\n")
-                f.write(self.final_output)
+        # Runs in the stop callback, ahead of recovery: it must never raise.
+        try:
+            self.final_output = self.get_output(remove=False)
+            if self.output_log and self.final_output:
+                with open(self.output_log, "a", errors="replace") as f:
+                    f.write(f"--- mpiexec {self.identifier} ended: {stop_data}\n")
+                    f.write(self.final_output)
+        except Exception as exc:  # a full disk, a removed folder
+            self.log.error("casa-kernel: could not keep mpiexec's output: %s", exc)
 
     final_output = ""
+
+
+# What is kept of mpiexec's output for messages and the cluster log: its end
+# (where mpiexec says why it ended); a server printing without end from C code
+# must not make the kernel read gigabytes.
+OUTPUT_TAIL = 1 << 20
+
+
+def read_tail(path: str, limit: int = OUTPUT_TAIL) -> str:
+    """The last ``limit`` bytes of ``path`` as text (bad bytes replaced); '' if absent."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            data = f.read()
+    except OSError:
+        return ""
+    head = f"[... {size - limit} earlier bytes in {path}]\n" if size > limit else ""
+    return head + data.decode("utf-8", errors="replace")
 
 
 # prterun wraps its message: "process rank 1 with PID 0 on node vm exited on\nsignal 9 (Killed)."

@@ -178,7 +178,7 @@ class ClusterConfig:
         if mpiexec is _UNSET:
             mpiexec = env.get(variables.MPIEXEC) or None
         if extra_mpi_args is _UNSET:
-            extra_mpi_args = tuple(shlex.split(env.get(variables.MPI_ARGS, "")))
+            extra_mpi_args = _env_mpi_args(env)
         if start_timeout is _UNSET:
             start_timeout = _env_timeout(env)
         if controller_location is _UNSET:
@@ -274,6 +274,16 @@ def _env_batch(spec: str, nprocs: int | None) -> BatchJob:
     if nprocs is not None and nprocs < 2:
         raise PlacementError(f"{variables.NPROCS}={nprocs}: N counts the client too")
     return parse_batch_spec(spec, (nprocs or DEFAULT_NPROCS) - 1)
+
+
+def _env_mpi_args(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get(variables.MPI_ARGS, "")
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ClusterError(
+            f"{variables.MPI_ARGS}={raw!r} cannot be split into arguments as a shell would: {exc}"
+        ) from None
 
 
 def _env_nprocs(env: Mapping[str, str]) -> int | None:

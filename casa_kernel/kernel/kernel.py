@@ -66,8 +66,16 @@ class CasaKernel(IPythonKernel):
         from casa_kernel.casa import config, logs, tasks
         from casa_kernel.casampi import bridge
 
+        # Settings that cannot be used are said in the first cell (see
+        # _say_problems): a kernel that dies before answering kernel_info only
+        # shows "kernel died" and a restart loop, naming nothing.
+        self._problems: list[str] = []
         # log files of this kernel only: casa-<host>-kernel<pid>-client/rank<R>.log
-        log_dir = config.default_log_dir()
+        try:
+            log_dir = config.default_log_dir()
+        except CasaKernelError as exc:
+            log_dir = config.default_log_dir(use_setting=False)
+            self._problems.append(f"{exc}; CASA's logs go to {log_dir}")
         logs.prune_old_logs(log_dir)  # other kernels' files, untouched for a month
         env = config.casa_environment(log_dir, tag=f"kernel{os.getpid()}")
         config.apply_to_process(env)
@@ -81,10 +89,15 @@ class CasaKernel(IPythonKernel):
         self.shell.set_custom_exc((CasaKernelError,), _show_casa_error)
         try:
             self.cluster_session.start()
-        except CasaKernelError as exc:
+        except Exception as exc:
             # Kept by the session and raised in the notebook by the first
             # command that needs servers; the kernel itself still starts.
             log.error("casa-kernel: cluster not started: %s", exc)
+            self._problems.append(
+                f"the cluster was not started: {exc}\n"
+                "fix the kernelspec's setting, then %casa_cluster restart"
+            )
+        self.shell.events.register("pre_run_cell", self._say_problems)
         self._preload: threading.Thread | None = None
         self._preload_lock = threading.Lock()
         if self._preload_wanted():
@@ -99,6 +112,12 @@ class CasaKernel(IPythonKernel):
             else:
                 self._begin_preload()
 
+    def _say_problems(self, *_: Any) -> None:
+        """Print the settings that could not be used, once, in the first cell."""
+        problems, self._problems = self._problems, []
+        for problem in problems:
+            print(f"casa-kernel: {problem}", file=sys.stderr)
+
     def _preload_wanted(self) -> bool:
         from casa_kernel.config.settings import env_flag
 
@@ -106,6 +125,7 @@ class CasaKernel(IPythonKernel):
             return env_flag(os.environ, variables.PRELOAD, default=True)
         except CasaKernelError as exc:
             log.error("casa-kernel: %s", exc)
+            self._problems.append(f"{exc}; CASA is imported at the first task")
             return False
 
     def _begin_preload(self, *_: Any) -> None:

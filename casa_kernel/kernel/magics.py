@@ -10,6 +10,7 @@ from __future__ import annotations
 import keyword
 import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -223,6 +224,11 @@ class CasaMagics(Magics):
         "per-sub-MS values in NAME_per_submms)",
     )
     @argument(
+        "--force",
+        action="store_true",
+        help="let --out take the name of a CASA task (it then hides the task)",
+    )
+    @argument(
         "--timeout",
         type=float,
         default=None,
@@ -246,7 +252,7 @@ class CasaMagics(Magics):
             return None
         args = _parse(self.casa_parallel, line)
         if args.out is not None:
-            _check_out(args.out)
+            _check_out(args.out, args.force)
         if args.timeout is not None and not 0 < args.timeout < math.inf:
             raise UsageError(f"--timeout {args.timeout!r}: give a number of seconds above 0")
         try:
@@ -349,13 +355,29 @@ def _parse(magic: Any, line: str) -> Any:
     return magic.parser.parse_args(argv)
 
 
-def _check_out(name: str) -> None:
-    """--out must be a variable name; a CASA task's name is taken, with a warning."""
+# Names the kernel and IPython rely on: a result stored over one breaks every
+# later magic (get_ipython), the history (In, Out, _oh...) or the cluster handle.
+RESERVED_OUT = frozenset(
+    {"get_ipython", "In", "Out", "exit", "quit", "casa_cluster", "_", "__", "___"}
+    | {"_i", "_ii", "_iii", "_ih", "_oh", "_dh", "__builtins__", "__name__"}
+)
+
+
+def _check_out(name: str, force: bool = False) -> None:
+    """--out must be a variable name the kernel does not rely on; a CASA task's
+    name only with --force."""
     if not name.isidentifier() or keyword.iskeyword(name):
         raise UsageError(f"--out {name!r} is not a valid variable name")
+    if name in RESERVED_OUT or re.fullmatch(r"_i?\d+", name):
+        raise UsageError(f"--out {name}: the kernel or IPython relies on {name}; choose another")
     from casa_kernel.casa.tasks import task_names
 
     if name in task_names():
+        if not force:
+            raise UsageError(
+                f"--out {name} would hide the CASA task {name}() in this notebook; "
+                "choose another name (or add --force)"
+            )
         print(
             f"casa-kernel: warning: --out {name} hides the CASA task {name}() in this notebook",
             file=sys.stderr,

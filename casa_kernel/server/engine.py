@@ -97,19 +97,34 @@ def _transform(code: str) -> str:
 def follow_cwd(cwd: str | None) -> None:
     """Work in the kernel's working directory, so relative paths in a cell mean
     the same on the kernel and on the servers (mpicasa's imager helper also
-    moves its servers to the client's cwd). A folder this host does not have
-    is said once and the server stays where it is."""
-    if not cwd or cwd == _state.get("cwd"):
+    moves its servers to the client's cwd). Checked at every call: a cell may
+    have moved the server (``os.chdir``). A folder this host does not have is
+    said once and the server stays where it is, unless where it is was removed
+    too: then the work fails, saying so, rather than CASA failing on getcwd."""
+    if not cwd:
         return
-    _state["cwd"] = cwd
+    try:
+        here: str | None = os.getcwd()
+    except FileNotFoundError:
+        here = None
+    if here == cwd:
+        return
     try:
         os.chdir(cwd)
+        _state.pop("cwd_failed", None)
     except OSError as exc:
-        print(
-            f"casa-kernel: {where()} cannot follow the kernel to {cwd} ({exc.strerror}); "
-            f"it works in {os.getcwd()}",
-            file=sys.stderr,
-        )
+        if here is None:
+            raise FileNotFoundError(
+                f"{where()} cannot follow the kernel to {cwd} ({exc.strerror}) and its "
+                "own working directory was removed"
+            ) from None
+        if _state.get("cwd_failed") != cwd:
+            _state["cwd_failed"] = cwd
+            print(
+                f"casa-kernel: {where()} cannot follow the kernel to {cwd} "
+                f"({exc.strerror}); it works in {here}",
+                file=sys.stderr,
+            )
 
 
 def run_cell(code: str, bindings: dict[str, Any] | None = None, cwd: str | None = None) -> Any:
@@ -193,7 +208,17 @@ def _relay_casa_log() -> None:
     """Print this server's new CASA warnings and errors, so they reach the notebook.
 
     CASA logs to one file per server; only WARN and SEVERE lines are relayed.
+    Ends the request's output: what went past the output limit is said here.
     """
+    try:
+        _relay_new_log_lines()
+    finally:
+        from casa_kernel.server.output import end_request
+
+        end_request()
+
+
+def _relay_new_log_lines() -> None:
     tail = _state.get("log_tail")
     # nothing can have been logged before CASA was imported (and it saves a stat
     # of the log file on every dispatch of a CASA-free cell)

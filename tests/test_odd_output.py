@@ -1,0 +1,297 @@
+"""Issue 21: whatever a server prints or raises, the kernel stays up and says what happened.
+
+One real kernel with 2 servers for the module; the bad settings start kernels of
+their own (no cluster). Payloads that jupyter_client cannot send itself (lone
+surrogates) travel inside the cell as ``ascii()`` literals.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import os
+import re
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernels import execute, kernel_env, running_kernel
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+@pytest.fixture(scope="module")
+def kc(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("odd")
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(workdir)) as (km, kc):
+        kc.workdir = str(workdir)
+        kc.km = km
+        reply = execute(kc, "%%casa_parallel\nrank")
+        assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+        yield kc
+
+
+def _alive(kc) -> None:
+    reply = execute(kc, "%%casa_parallel\nrank")
+    assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+
+
+def _caught(kc, body: str) -> dict:
+    """Run ``body`` as a %%casa_parallel cell inside try/except in the kernel; what
+    the user's ``except`` sees: type, message, the first failure's type, rank, host."""
+    probe = (
+        "try:\n"
+        f"    get_ipython().run_cell_magic('casa_parallel', '', {ascii(body)})\n"
+        "except Exception as _e:\n"
+        "    _f = _e.failures[0]\n"
+        "    print(ascii({'type': type(_e).__name__, 'text': str(_e), 'ename': _f.ename,\n"
+        "        'rank': _f.rank, 'host': _f.host,\n"
+        "        'mro': [c.__name__ for c in type(_f).__mro__]}))\n"
+    )
+    reply = execute(kc, probe, timeout=60)
+    assert reply.status == "ok", reply.error
+    return ast.literal_eval(reply.stdout)
+
+
+def _value(reply) -> object:
+    assert reply.status == "ok", reply.error
+    return ast.literal_eval(reply.result)
+
+
+# -- case 1: bytes that are not UTF-8, then a death ---------------------------------
+
+
+def test_bad_bytes_then_a_death_is_recovered(kc, tmp_path):
+    marker = tmp_path / "killed-once"
+    cell = (
+        "%%casa_parallel\n"
+        "import os, signal\n"
+        "os.write(2, b'C library says \\xff\\xfe caf\\xe9\\n')\n"
+        "os.write(1, b'\\x00\\x1b[31m \\xc3\\x28 \\xed\\xa0\\x80\\n')\n"
+        f"if rank == 1 and not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "rank"
+    )
+    reply = execute(kc, cell)
+    assert reply.status == "ok", reply.error
+    assert reply.result == "[0, 1]"
+    assert "died of signal 9" in reply.stderr and "started new servers" in reply.stderr
+    assert "Traceback" not in reply.stderr and "UnicodeDecodeError" not in reply.stderr
+    status = execute(kc, "%casa_cluster status")
+    assert status.status == "ok" and "dead" not in status.result, status.result
+    _alive(kc)
+
+
+# -- case 3: lone surrogates ---------------------------------------------------------
+
+
+def test_surrogate_in_an_exception_fails_the_cell_instead_of_hanging(kc):
+    reply = execute(kc, "%%casa_parallel\nraise ValueError('\\ud800 x')", timeout=60)
+    assert reply.status == "error" and reply.ename == "RemoteError"
+    assert "[server rank 0 on" in reply.evalue and "ValueError: \ufffd x" in reply.evalue
+    failure = _caught(kc, "raise ValueError('\\ud800 x')")
+    assert "ValueError" in failure["mro"] and failure["rank"] in (0, 1)
+    _alive(kc)
+
+
+def test_surrogate_printed_or_returned_is_relayed_replaced(kc):
+    reply = execute(kc, "%%casa_parallel\nprint('\\ud800 y')\n'\\udcff z'", timeout=60)
+    assert reply.status == "ok", reply.error
+    assert "[rank 0@" in reply.stdout and "\ufffd y" in reply.stdout
+    assert "Uncaught exception" not in reply.stdout + reply.stderr
+    assert reply.result == repr(["\udcff z"] * 2)  # the value itself is intact
+    _alive(kc)
+
+
+# -- case 2: exception types ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raise_it", "ename", "builtin"),
+    [
+        ("raise MemoryError('cannot allocate 8 GiB')", "MemoryError", True),
+        ("raise ExceptionGroup('eg', [ValueError(1), KeyError(2)])", "ExceptionGroup", True),
+        ("raise OSError(28, 'No space left on device', '/x')", "OSError", True),
+        ("raise UnicodeDecodeError('utf-8', b'x', 0, 1, 'bad')", "UnicodeDecodeError", True),
+        (
+            "class Odd(Exception):\n    def __init__(self, a, b):\n        super().__init__(a)\n"
+            "raise Odd(1, 2)",
+            "Odd",
+            False,
+        ),
+        ("import json\njson.loads('{')", "JSONDecodeError", False),
+        ("raise SystemExit(3)", "SystemExit", False),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt", False),
+    ],
+)
+def test_every_exception_type_arrives_with_rank_and_host(kc, raise_it, ename, builtin):
+    reply = execute(kc, f"%%casa_parallel\n{raise_it}")
+    assert reply.status == "error" and reply.ename == "RemoteError", reply.traceback
+    assert f"{ename}:" in reply.evalue and "[server rank 1 on" in reply.evalue
+    failure = _caught(kc, raise_it)
+    assert failure["type"] == "RemoteError"
+    assert failure["ename"] == ename and failure["host"] and failure["rank"] in (0, 1)
+    if builtin:  # rebuilt as itself: `except MemoryError` catches it
+        assert ename in failure["mro"], failure
+    else:  # named, not rebuilt: a user's or a library's class is not imported
+        assert failure["mro"][0] == "ServerFailure"
+
+
+# -- output past the limit --------------------------------------------------------
+
+
+def test_output_past_the_limit_is_dropped_said_once_and_kept_in_a_file(kc):
+    import psutil
+    from kernels import kernel_pid
+
+    cell = (
+        "%%casa_parallel\nimport sys\n"
+        "for i in range(30):\n    sys.stdout.write(('x' * 1023 + '\\n') * 1024)\nrank"
+    )
+    kernel = psutil.Process(kernel_pid(kc.km))
+    before = kernel.memory_info().rss
+    reply = execute(kc, cell, timeout=600)
+    assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+    per_rank = reply.stdout.count("[rank 0@")
+    assert 10 * 1024 - 2 <= per_rank <= 10 * 1024 + 1  # 10 MB of 1 KiB lines
+    notes = [line for line in reply.stderr.splitlines() if "was not sent" in line]
+    assert len(notes) == 2 and "20.0 MB of output past the 10 MB" in notes[0], notes
+    kept = notes[0].split("the full text is in ")[1].rstrip("]")
+    assert os.path.getsize(kept) >= 20 * 2**20
+    # 60 MB printed; without the limit the kernel grew by ~7x what it relayed
+    # (issue 21: 100 MB printed, 717 MiB); measured here: ~70 MiB
+    assert kernel.memory_info().rss - before < 150 * 2**20
+
+
+# -- case 6: the servers' working directory -------------------------------------------
+
+
+def test_servers_follow_the_kernel_and_a_removed_folder_is_said(kc):
+    moved = execute(kc, "%%casa_parallel\nimport os\nos.chdir('/')\nos.getcwd()")
+    assert moved.status == "ok" and _value(moved) == ["/", "/"]
+    back = execute(kc, "%%casa_parallel\nos.getcwd()")
+    assert _value(back) == [kc.workdir] * 2
+
+    sub = os.path.join(kc.workdir, "gone")
+    os.mkdir(sub)
+    assert execute(kc, f"import os; os.chdir({sub!r})").status == "ok"
+    assert _value(execute(kc, "%%casa_parallel\nos.getcwd()")) == [sub] * 2
+    shutil.rmtree(sub)
+    gone = execute(kc, "%%casa_parallel\nos.getcwd()")
+    assert gone.status == "error" and gone.ename == "WorkdirError"
+    assert f"working directory {sub} no longer exists" in gone.evalue
+    assert execute(kc, f"os.chdir({kc.workdir!r})").status == "ok"
+    assert _value(execute(kc, "%%casa_parallel\nos.getcwd()")) == [kc.workdir] * 2
+
+
+# -- hypothesis: bytes, strings and exception types a server can produce ---------------
+
+# their constructors take more than a message: cases of their own above
+_GROUPS = tuple(getattr(builtins, n) for n in ("BaseExceptionGroup",) if hasattr(builtins, n))
+_RAISABLE = sorted(
+    name
+    for name in dir(builtins)
+    if isinstance(getattr(builtins, name), type)
+    and issubclass(getattr(builtins, name), Exception)
+    and getattr(builtins, name).__name__ == name  # not IOError, an alias of OSError
+    and not issubclass(getattr(builtins, name), (UnicodeError, *_GROUPS))
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    raw=st.binary(max_size=200),
+    text=st.text(max_size=80),
+    ename=st.sampled_from(_RAISABLE),
+    message=st.text(max_size=40),
+)
+def test_any_bytes_text_and_exception_reach_the_user(kc, raw, text, ename, message):
+    cell = (
+        "%%casa_parallel\n"
+        "import os, builtins\n"
+        f"os.write(2, {raw!r})\n"
+        f"print({ascii(text)})\n"
+        f"raise getattr(builtins, {ename!r})({ascii(message)})"
+    )
+    reply = execute(kc, cell, timeout=60)
+    assert reply.status == "error" and reply.ename == "RemoteError", reply.traceback
+    assert "[server rank 0 on" in reply.evalue and f"{ename}:" in reply.evalue
+    assert _SURROGATES.search(reply.evalue + reply.stdout + reply.stderr) is None
+    # each line the server printed, under its prefix (split on "\n" only, as
+    # the relay does: str.splitlines would also split on \x1e, \v ...)
+    shown = [
+        line.split("] ", 1)[1] for line in reply.stdout.split("\n") if line.startswith("[rank 0@")
+    ]
+    # ipyparallel folds a carriage return as a terminal would (its _cr_pat)
+    expected = re.sub(r".*\r(?=[^\n])", "", _SURROGATES.sub("\ufffd", text))
+    assert "\n".join(shown) == expected
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ename=st.sampled_from(_RAISABLE), message=st.text(max_size=40))
+def test_any_exception_type_is_caught_as_itself(kc, ename, message):
+    failure = _caught(kc, f"import builtins\nraise getattr(builtins, {ename!r})({ascii(message)})")
+    assert failure["type"] == "RemoteError" and failure["ename"] == ename
+    assert ename in failure["mro"] and failure["rank"] in (0, 1) and failure["host"]
+
+
+# -- case 5: settings that cannot be used ----------------------------------------------
+
+
+def test_bad_settings_are_said_in_the_first_cell(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    env = kernel_env(
+        CASA_KERNEL_MPI_ARGS='"--foo',
+        CASA_KERNEL_LOG_DIR=str(a_file / "logs"),
+        CASA_KERNEL_PRELOAD="perhaps",
+    )
+    with running_kernel(env) as (_, kc):
+        first = execute(kc, "1 + 1")
+        assert first.status == "ok" and first.result == "2"
+        assert "CASA_KERNEL_MPI_ARGS='\"--foo'" in first.stderr
+        assert "No closing quotation" in first.stderr
+        assert f"CASA_KERNEL_LOG_DIR={str(a_file / 'logs')!r}" in first.stderr
+        assert "CASA_KERNEL_PRELOAD='perhaps'" in first.stderr
+        assert execute(kc, "2 + 2").stderr == ""  # said once
+        cell = execute(kc, "%%casa_parallel\nrank")
+        assert "CASA_KERNEL_MPI_ARGS" in cell.error
+
+
+# -- case 4: a full disk --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (root only), unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("task", ["split", "mstransform", "partition"])
+def test_full_disk_is_refused_naming_task_and_path_and_leaves_nothing(
+    kc, tiny_mms, small_disk, tmp_path, task
+):
+    mms = tmp_path / "in.mms"
+    shutil.copytree(tiny_mms, mms, symlinks=True)
+    # leave less room than the input takes
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (8 * 2**20 - 64 * 1024))
+    out = small_disk / "out.mms"
+    extra = ", createmms=True" if task == "partition" else ", datacolumn='data'"
+    reply = execute(kc, f"{task}(vis={str(mms)!r}, outputvis={str(out)!r}{extra})")
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.traceback
+    assert f"{task}: no space left on {small_disk}" in reply.evalue
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+    _alive(kc)
