@@ -56,3 +56,17 @@ def test_preload_off_keeps_casa_out_until_first_use():
         time.sleep(3)  # time enough for a preload to have shown; there is none
         assert ast.literal_eval(execute(kc, CASA_LOADED).result) == [False, False]
         assert execute(kc, "import sys; 'casatasks' in sys.modules").result == "False"
+
+
+def test_a_cell_waits_for_casa_loading_in_the_background():
+    """casacore is not thread-safe: no cell but %casa_cluster runs while the
+    preload thread imports CASA (a casatools call then could crash the kernel)."""
+    env = kernel_env(CASA_KERNEL_NPROCS="2")
+    with running_kernel(env) as (_, kc):
+        reply = execute(kc, "%casa_cluster status")  # the preload begins after it
+        assert reply.status == "ok", reply.error
+        reply = execute(kc, "import threading\n[t.name for t in threading.enumerate()]")
+        assert reply.status == "ok", reply.error
+        assert "casa-preload" not in reply.result, reply.result
+        reply = execute(kc, "import sys\n'casatasks' in sys.modules")
+        assert reply.result == "True", reply.result
