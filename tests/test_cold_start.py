@@ -58,15 +58,24 @@ def test_preload_off_keeps_casa_out_until_first_use():
         assert execute(kc, "import sys; 'casatasks' in sys.modules").result == "False"
 
 
-def test_a_cell_waits_for_casa_loading_in_the_background():
-    """casacore is not thread-safe: no cell but %casa_cluster runs while the
-    preload thread imports CASA (a casatools call then could crash the kernel)."""
+def test_simulate_ms_waits_for_casa_loading_in_the_background(tmp_path):
+    """casacore is not thread-safe: simulate_ms (casatools, in the kernel) does not
+    run beside the preload thread's import of CASA (that once crashed the kernel)."""
     env = kernel_env(CASA_KERNEL_NPROCS="2")
-    with running_kernel(env) as (_, kc):
+    with running_kernel(env, cwd=str(tmp_path)) as (_, kc):
         reply = execute(kc, "%casa_cluster status")  # the preload begins after it
         assert reply.status == "ok", reply.error
-        reply = execute(kc, "import threading\n[t.name for t in threading.enumerate()]")
+        code = (
+            "import threading\n"
+            "from casa_kernel.casa.simulate import simulate_ms\n"
+            "before = [t.name for t in threading.enumerate()]\n"
+            "simulate_ms('t.ms', size='tiny')\n"
+            "import sys\n"
+            "(before, 'casatasks' in sys.modules)"
+        )
+        reply = execute(kc, code)
         assert reply.status == "ok", reply.error
-        assert "casa-preload" not in reply.result, reply.result
-        reply = execute(kc, "import sys\n'casatasks' in sys.modules")
-        assert reply.result == "True", reply.result
+        before, imported = ast.literal_eval(reply.result)
+        # the import was under way when the cell began, and done when it simulated
+        assert "casa-import" in before or "casa-preload" in before, before
+        assert imported

@@ -139,6 +139,19 @@ def casatasks_module(timeout: float | None = None) -> ModuleType:
     return sys.modules["casatasks"]
 
 
+def wait_if_loading() -> None:
+    """If casatasks is being imported in the loader thread, wait until it is done.
+
+    casacore is not thread-safe: casatools used in one thread while another
+    imports casatasks (which makes tools and logs) can crash the process in
+    C++ -- `casa-kernel demo` rerun in the same folder died so in its
+    simulate_ms cell, beside the kernel's preload. The wait is an Event's:
+    Ctrl-C interrupts it. Nothing is imported here."""
+    attempt = _attempt
+    if attempt is not None:
+        attempt.done.wait()
+
+
 def _imported() -> bool:
     module = sys.modules.get("casatasks")
     spec = getattr(module, "__spec__", None)

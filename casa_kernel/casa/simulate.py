@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 
+from casa_kernel.casa import loading
+
 __all__ = ["SIZES", "Preset", "expected_rows", "simulate_ms"]
 
 SPW_COUNT = 2
@@ -294,6 +296,7 @@ def simulate_ms(
     target = os.path.abspath(os.fspath(path))
     if os.path.lexists(target):
         raise FileExistsError(f"refusing to overwrite existing path: {target}")
+    loading.wait_if_loading()  # casatools beside CASA's import in another thread: a crash
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
 

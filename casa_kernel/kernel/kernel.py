@@ -98,7 +98,6 @@ class CasaKernel(IPythonKernel):
                 "fix the kernelspec's setting, then %casa_cluster restart"
             )
         self.shell.events.register("pre_run_cell", self._say_problems)
-        self.shell.events.register("pre_run_cell", self._wait_for_casa)
         self._preload: threading.Thread | None = None
         self._preload_lock = threading.Lock()
         if self._preload_wanted():
@@ -118,24 +117,6 @@ class CasaKernel(IPythonKernel):
         problems, self._problems = self._problems, []
         for problem in problems:
             print(f"casa-kernel: {problem}", file=sys.stderr)
-
-    def _wait_for_casa(self, info: Any = None) -> None:
-        """A cell waits while CASA is being imported in the background.
-
-        casacore is not thread-safe: a cell using casatools (simulate_ms,
-        listobs) while the preload thread imported casatasks (which makes tools
-        and logs) could crash the kernel in C++ -- `casa-kernel demo` rerun in
-        the same folder died so in its simulate_ms cell, once in a full test run.
-        ``%casa_cluster`` cells do not wait: status answers at once."""
-        thread = self._preload
-        if thread is None or not thread.is_alive():
-            return
-        source = getattr(info, "raw_cell", "") or ""
-        lines = [line.strip() for line in source.splitlines() if line.strip()]
-        if lines and all(line.startswith("%casa_cluster") for line in lines):
-            return
-        while thread.is_alive():  # (in steps: Ctrl-C interrupts the wait)
-            thread.join(0.1)
 
     def _preload_wanted(self) -> bool:
         from casa_kernel.config.settings import env_flag
