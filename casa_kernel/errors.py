@@ -130,9 +130,19 @@ class ServerFailure(CasaKernelError):
         if traceback:
             self.__cause__ = RemoteTraceback(traceback)
 
+    def part(self) -> str:
+        """The part of the work that failed: 'sub-MS <path>', or what it was
+        (an imager's data partition, images, the assembly of a Multi-MS)."""
+        if not self.submms:
+            return ""
+        return f"sub-MS {self.submms}" if self.submms.endswith(".ms") else self.submms
+
     def headline(self) -> str:
-        where = f"server rank {self.rank} on {self.host}"
-        what = f"sub-MS {self.submms}: " if self.submms else ""
+        if self.rank is None:  # lost with a server whose rank was not known
+            where = "a server"
+        else:
+            where = f"server rank {self.rank} on {self.host}"
+        what = f"{self.part()}: " if self.submms else ""
         return f"[{where}] {what}{self.ename}: {self.evalue}"
 
     def __str__(self) -> str:

@@ -11,7 +11,8 @@ import os
 import pytest
 from kernels import execute, kernel_env, running_kernel
 
-from casa_kernel.casa.tasks import CasaTask, _partial_outputs
+from casa_kernel.casa.outputs import partial_outputs
+from casa_kernel.casa.tasks import CasaTask
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ from casa_kernel.casa.tasks import CasaTask, _partial_outputs
     ],
 )
 def test_partial_outputs(outputvis, expected):
-    assert _partial_outputs(outputvis) == expected
+    assert partial_outputs(outputvis) == expected
 
 
 def _leftovers(folder) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernels import execute, kernel_env, running_kernel
+from kernels import execute, kernel_env, kernel_pid, running_kernel
 
 PRODUCTS = (".image", ".residual", ".model", ".psf", ".pb", ".sumwt", ".mask")
 LAST: dict[str, object] = {}  # the kernel's last reply (progress lines in its stderr)
@@ -540,6 +540,21 @@ def test_cube_on_two_servers_runs_serially_in_the_kernel_equal_to_serial(root, k
     assert reply.status == "ok", reply.error
     _case(root, kernel, "c2", specmode="cube", spw="0", niter=30)
     assert "runs serially in the kernel" in LAST["reply"].stderr
+
+
+def test_serial_mfs_runs_on_a_server_equal_to_serial(root, kernel, casa_log_dir):
+    """With servers, a serial tclean runs on one of them, not in the kernel
+    (issue 21: a full disk aborts the process that writes an image)."""
+    serial, _ = _case(root, kernel, "smfs", specmode="mfs", niter=40)
+    assert serial["iterdone"] > 0
+    pid = kernel_pid(kernel.km)
+
+    def log(role: str) -> str:
+        files = casa_log_dir.glob(f"casa-*-kernel{pid}-{role}.log")
+        return "".join(p.read_text(errors="replace") for p in files)
+
+    assert "p_smfs" in log("rank0"), log("rank0")[-2000:]
+    assert "p_smfs" not in log("client")
 
 
 def test_parallel_without_servers_runs_serially_with_a_note(root, kernel):

@@ -12,6 +12,8 @@ import builtins
 import os
 import re
 import shutil
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -263,20 +265,68 @@ def test_bad_settings_are_said_in_the_first_cell(tmp_path):
 # -- case 4: a full disk --------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MB tmpfs (root only), unmounted afterwards."""
+def _tmpfs(folder, size: str):
+    """A tmpfs of ``size`` on ``folder`` (root only; unmounted by the caller)."""
     import subprocess
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    return folder
+
+
+def _unmount(folder) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (root only), unmounted afterwards."""
+    mount = _tmpfs(tmp_path / "small", "8m")
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        _unmount(mount)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 128 MB tmpfs (root only), unmounted afterwards."""
+    mount = _tmpfs(tmp_path / "disk", "128m")
+    try:
+        yield mount
+    finally:
+        _unmount(mount)
+
+
+def _leave_free(folder, nbytes: int) -> None:
+    """Fill ``folder``'s file system until ``nbytes`` are free."""
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(folder).free - nbytes))
+
+
+def _fill_when(path, folder) -> threading.Thread:
+    """A thread that fills ``folder``'s file system once ``path`` exists (a disk
+    filled by someone else while a task writes)."""
+
+    def fill() -> None:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        try:
+            with open(folder / "filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 2**20)
+                    f.flush()
+        except OSError:
+            pass  # full
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.mark.parametrize("task", ["split", "mstransform", "partition"])
@@ -294,4 +344,76 @@ def test_full_disk_is_refused_naming_task_and_path_and_leaves_nothing(
     assert reply.status == "error" and reply.ename == "SpaceError", reply.traceback
     assert f"{task}: no space left on {small_disk}" in reply.evalue
     assert sorted(os.listdir(small_disk)) == ["filler"]
+    _alive(kc)
+
+
+def _data_as_links(mms, into) -> str:
+    """A copy of Multi-MS ``mms`` in ``into`` whose sub-MSs' data files are symbolic
+    links to the original's: it reads the same, but what it "takes" on disk (the
+    pre-check's estimate) is a few KB, so a task gets past the check and fills the
+    disk while it writes, as when the disk fills during a run."""
+    copy = into / "linked.mms"
+    shutil.copytree(mms, copy, symlinks=True)
+    for sub in (copy / "SUBMSS").iterdir():
+        for data in sub.glob("table.f*"):
+            if data.is_file() and not data.is_symlink():
+                original = os.path.join(mms, "SUBMSS", sub.name, data.name)
+                data.unlink()
+                data.symlink_to(original)
+    return str(copy)
+
+
+@pytest.mark.parametrize("task", ["split", "mstransform", "partition"])
+def test_disk_filling_while_a_task_writes_is_said_and_the_kernel_lives(
+    kc, tiny_mms, disk, tmp_path, task
+):
+    """The disk fills while the servers write the sub-MSs or one server assembles
+    the output Multi-MS (casacore aborts the process that writes: once the kernel,
+    when the assembly ran there)."""
+    from casa_kernel.casa.outputs import _du
+
+    vis = _data_as_links(tiny_mms, tmp_path)
+    _leave_free(disk, _du(vis) + 256 * 1024)  # past the pre-check, far from enough
+    out = disk / "out.mms"
+    extra = ", createmms=True" if task == "partition" else ", datacolumn='data'"
+    reply = execute(kc, f"{task}(vis={vis!r}, outputvis={str(out)!r}{extra})", timeout=240)
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.error
+    # the part at fault: a sub-MS a server wrote, or the assembly of the output
+    assert re.match(rf"{task} \((sub-MS \S+\.ms|assembling {disk}/out\.mms)\)", reply.evalue)
+    assert f"no space left on {disk} writing {disk}/out.mms" in reply.evalue, reply.evalue
+    assert sorted(os.listdir(disk)) == ["filler"]  # nothing half-made
+    # a server that aborted is replaced; its job is not run again (the same write
+    # would fail the same way)
+    assert "re-ran" not in reply.stderr, reply.stderr
+    _alive(kc)
+
+
+def test_full_disk_is_refused_before_tclean_writes_images(kc, tiny_ms, small_disk):
+    reply = execute(
+        kc,
+        f"tclean(vis={tiny_ms!r}, imagename={str(small_disk / 'img')!r}, imsize=1024, "
+        "cell='8arcsec', niter=0)",
+    )
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.error
+    assert f"tclean: no space left on {small_disk} for the images" in reply.evalue
+    assert "nothing was written" in reply.evalue
+    assert os.listdir(small_disk) == []
+    _alive(kc)
+
+
+def test_disk_filling_while_tclean_writes_is_said_and_the_kernel_lives(kc, tiny_ms, disk):
+    """Serial imaging with servers runs on a server (server/cube.py's serial_imager):
+    the kernel writes no image, so a full disk aborts a server, not the kernel."""
+    image = disk / "img"
+    filler = _fill_when(f"{image}.psf", disk)
+    reply = execute(
+        kc,
+        f"tclean(vis={tiny_ms!r}, imagename={str(image)!r}, imsize=512, cell='8arcsec', niter=200)",
+        timeout=240,
+    )
+    filler.join(timeout=60)
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.error
+    assert f"tclean (images {image}) on server rank 0 (" in reply.evalue, reply.evalue
+    assert f"no space left on {disk} writing {image}" in reply.evalue, reply.evalue
+    assert sorted(os.listdir(disk)) == ["filler"]  # no half image
     _alive(kc)

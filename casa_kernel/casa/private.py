@@ -152,6 +152,72 @@ def parallel_task_helper() -> Any:
     return importlib.import_module(TASK_HELPER).ParallelTaskHelper
 
 
+# ParallelDataHelper.postExecution assembles the output Multi-MS in the client
+# process: partitionhelper.makeMMS (createmultims, sub-tables copied) and, for a
+# Multi-MS made by spw, mstransformer.mergespwtables. casacore writing there on a
+# full disk throws from a destructor: "terminate called", the process aborted.
+_PARTITION_HELPER = "casatasks.private.partitionhelper"
+ASSEMBLY_STEPS = ("makeMMS", "mergespwtables")
+
+
+def assemble_through(runner: Callable[[str, tuple[Any, ...]], Any]) -> None:
+    """From now on ParallelDataHelper's writing steps in this process are
+    ``runner(step, args)`` (a step of ASSEMBLY_STEPS; the kernel sends them to a
+    server, where :func:`run_assembly_step` runs them)."""
+    helper = importlib.import_module(DATA_HELPER)
+    if isinstance(helper.ph, _PartitionHelper):
+        helper.ph.runner = runner
+        return
+    helper.ph = _PartitionHelper(helper.ph, runner)
+    real_transformer = helper.mstransformer
+
+    def mstransformer() -> Any:
+        return _SpwMerger(real_transformer(), helper.ph)
+
+    helper.mstransformer = mstransformer
+
+
+def run_assembly_step(step: str, args: tuple[Any, ...]) -> Any:
+    """Run one of ASSEMBLY_STEPS in this process."""
+    if step == "makeMMS":
+        return importlib.import_module(_PARTITION_HELPER).makeMMS(*args)
+    if step == "mergespwtables":
+        from casatools import mstransformer
+
+        tool = mstransformer()
+        try:
+            return tool.mergespwtables(*args)
+        finally:
+            tool.done()
+    raise ValueError(f"not a step of the Multi-MS assembly: {step!r}")
+
+
+class _PartitionHelper:
+    """partitionhelper as ParallelDataHelper sees it: makeMMS through the runner."""
+
+    def __init__(self, module: Any, runner: Callable[[str, tuple[Any, ...]], Any]):
+        self.module, self.runner = module, runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def makeMMS(self, *args: Any) -> Any:  # noqa: N802 (casatasks' name)
+        return self.runner("makeMMS", args)
+
+
+class _SpwMerger:
+    """An mstransformer whose mergespwtables goes through the runner."""
+
+    def __init__(self, tool: Any, helper: _PartitionHelper):
+        self.tool, self.helper = tool, helper
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tool, name)
+
+    def mergespwtables(self, *args: Any) -> Any:
+        return self.helper.runner("mergespwtables", args)
+
+
 def answer_polls_at_once() -> None:
     """parallel_imager_helper.checkJobs sleeps 1 s before every poll; our
     check_job waits on the jobs' events, so that sleep only adds 1 s per step."""

@@ -12,15 +12,14 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
-import os
-import shutil
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from casa_kernel.casa import loading
-from casa_kernel.errors import RemoteError, ServerFailure, SpaceError
+from casa_kernel.casa.outputs import CallOutputs, full_disk
+from casa_kernel.errors import RemoteError, ServerFailure
 
 _local = threading.local()
 
@@ -154,17 +153,22 @@ class CasaTask:
             # ParallelTaskHelper runs `from casatasks import *; flagdata(...)` per
             # sub-MS): that is casatasks' own call, done as casatasks does it.
             return task(*args, **kwargs)
-        outputvis = _argument(task, "outputvis", args, kwargs)
+        params = _arguments(task, args, kwargs)
         # what this call may create, and what of it was there before
-        made = [p for p in _partial_outputs(outputvis) if not os.path.lexists(p)]
-        if made:
-            _check_space(self.name, _argument(task, "vis", args, kwargs), made[0])
+        outputs = CallOutputs.of(params)
+        outputs.check_space(self.name, params)
         _local.failures = failures = []
         route = routes.get(self.name)
         try:
             ret = route(task, args, kwargs) if route else task(*args, **kwargs)
+        except Exception as exc:
+            full = full_disk(self.name, failures, str(exc), outputs.written)  # before clean-up
+            outputs.remove()  # the task raised: nothing it began is valid
+            if full is not None:
+                raise full from exc
+            raise
         except BaseException:
-            _remove_outputs(made)  # the task raised: nothing it began is valid
+            outputs.remove()
             raise
         finally:
             _local.failures = None
@@ -172,96 +176,23 @@ class CasaTask:
             f for f in failures if not any(b in f.traceback + f.evalue for b in _BENIGN_FAILURES)
         ]
         if real:
-            _remove_outputs(made)
-            for failure in real:
-                if "No space left on device" in failure.evalue + failure.traceback:
-                    where = f" (sub-MS {failure.submms})" if failure.submms else ""
-                    failure.evalue = (
-                        f"{self.name}{where}: no space left on {_mount_of(made[0])} "
-                        f"writing {made[0]}: {failure.evalue}"
-                    )
+            full = full_disk(self.name, real, "", outputs.written)
+            outputs.remove()
+            if full is not None:
+                raise full from RemoteError(real, results=ret)
             raise RemoteError(real, results=ret)
-        # CASA's folder of sub-MS outputs is moved into the Multi-MS when all
-        # went well; what is left of it was never part of a result.
-        _remove_outputs([p for p in made if p.endswith(".data")])
+        outputs.remove_leftovers()
         return ret
 
 
-def _mount_of(path: str) -> str:
-    """The mount point of the file system that holds (or will hold) ``path``."""
-    path = os.path.abspath(path)
-    while not os.path.ismount(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _du(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _check_space(taskname: str, vis: Any, output: str) -> None:
-    """Refuse, before anything runs, an output that cannot fit where it goes.
-
-    A full disk in the middle of a parallel task ends in casacore's C++ (the
-    output Multi-MS is assembled in the kernel): an AipsError thrown through C++
-    aborted the kernel process. The output of split, mstransform or partition
-    is at most about the input's size (averaging makes it smaller, so this errs
-    on the side of refusing)."""
-    if not isinstance(vis, str) or not os.path.isdir(vis):
-        return
-    folder = os.path.dirname(os.path.abspath(output)) or "."
-    if not os.path.isdir(folder):
-        return
-    free = shutil.disk_usage(folder).free
-    need = _du(vis)
-    if need > free:
-        raise SpaceError(
-            f"{taskname}: no space left on {_mount_of(folder)} for {output}: the input "
-            f"{vis} takes {need / 2**20:.1f} MB, {free / 2**20:.1f} MB are free; "
-            "nothing was written"
-        )
-
-
-def _argument(task: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The value of parameter ``name`` in this call, given by keyword or position."""
-    if name in kwargs or not args:
-        return kwargs.get(name)
+def _arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """This call's arguments by name (a cell may pass ``vis`` by position)."""
+    if not args:
+        return dict(kwargs)
     try:
-        return inspect.signature(task).bind_partial(*args, **kwargs).arguments.get(name)
+        return dict(inspect.signature(task).bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):
-        return None
-
-
-def _partial_outputs(outputvis: Any) -> list[str]:
-    """The paths a task writing ``outputvis`` may create, as casatasks 6.7 names them.
-
-    The output MS or Multi-MS (with its sub-MSs in ``<outputvis>/SUBMSS``), its
-    flag versions, and ParallelDataHelper's folder of per-sub-MS outputs,
-    ``<dir>/<base>.data`` (``<base>`` without a trailing dot), made before any job
-    runs and moved into the Multi-MS only at the end.
-    """
-    if not isinstance(outputvis, str) or not outputvis.strip():
-        return []
-    path = os.path.abspath(outputvis.rstrip("/"))
-    folder, base = os.path.split(path)
-    if base.endswith("."):
-        base = base[: base.rindex(".")]
-    return [path, path + ".flagversions", os.path.join(folder, base + ".data")]
-
-
-def _remove_outputs(paths: list[str]) -> None:
-    for path in paths:
-        if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        return dict(kwargs)  # the task itself says what is wrong with the call
 
 
 def inject_tasks(user_ns: dict[str, Any]) -> None:

@@ -15,12 +15,19 @@ import os
 from typing import Any
 
 from casa_kernel import display
+from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import CPP_PARALLEL_TASKS
+from casa_kernel.casa.tasks import record_failure
 from casa_kernel.casampi.bridge import _cluster
 from casa_kernel.client.dispatch import Dispatcher, Job
 from casa_kernel.client.interrupts import say
 from casa_kernel.errors import RemoteError
-from casa_kernel.server.cube import cpp_client, cpp_server, limit_threads, products
+from casa_kernel.server.cube import (
+    cpp_client,
+    cpp_server,
+    limit_threads,
+    serial_imager,
+)
 
 
 def goes_cpp_parallel(name: str, params: dict[str, Any]) -> bool:
@@ -101,7 +108,7 @@ def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
     # new servers: the client then first removes what the lost attempt wrote, so
     # the re-run is not taken for a restart.
     imagename = params.get("imagename")
-    keep = sorted(products(imagename)) if isinstance(imagename, str) and imagename else []
+    keep = sorted(image_products(imagename)) if isinstance(imagename, str) and imagename else []
     client = Job(f"{name} (C++ parallel client)", cpp_client, (name, params, cwd, keep), target=0)
     worker_args = (cwd,)
     workers = [
@@ -115,3 +122,20 @@ def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
             failure.submms = f"channels of {params.get('imagename') or params.get('vis')}"
         raise RemoteError(failures)
     return outcomes[0].value
+
+
+def run_on_a_server(name: str, params: dict[str, Any]) -> Any:
+    """Run imaging task ``name`` serially on server rank 0; return its value.
+
+    While servers run, the kernel writes no image: casacore on a full disk
+    aborts the process that writes (server/cube.py's serial_imager).
+    """
+    imagename = params.get("imagename")
+    keep = sorted(image_products(imagename)) if isinstance(imagename, str) and imagename else []
+    job = Job(f"{name} (serial)", serial_imager, (name, params, os.getcwd(), keep), target=0)
+    [outcome] = Dispatcher(_cluster(), title=name).execute([job])
+    if outcome.failure is not None:
+        outcome.failure.submms = f"images {imagename}" if imagename else ""
+        record_failure(outcome.failure)
+        raise RemoteError([outcome.failure])
+    return outcome.value

@@ -4,7 +4,8 @@ notebook's imaging tasks (tclean, deconvolve, sdintimaging).
 A parallel continuum call grids on every server (string commands through
 MPICommandClient, minor cycle in the kernel); a cube goes to CASA's C++
 parallelism on the servers (casampi/cube.py, server/cube.py), or runs serially in the kernel
-below MIN_CUBE_SERVERS. casatasks' private names are in casa/private.py, the fence.
+below MIN_CUBE_SERVERS; any other call runs serially on server rank 0, so that
+the kernel writes no image (a full disk aborts the process that writes one). casatasks' private names are in casa/private.py, the fence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import sys
 from typing import Any
 
+from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import (
     CPP_MPI_COMMAND,
     IMAGER_STEPS,
@@ -38,6 +40,7 @@ from casa_kernel.casampi.cube import (
     goes_cpp_parallel,
     labels,
     run_cpp_parallel,
+    run_on_a_server,
     server_pids,
     share_cores,
 )
@@ -45,7 +48,6 @@ from casa_kernel.casampi.tasks import MPICommandClient, _serially
 from casa_kernel.client import progress
 from casa_kernel.client.interrupts import say
 from casa_kernel.errors import ClusterError
-from casa_kernel.server.cube import products
 
 # CASA's C++ cube parallelism with ONE worker (2 servers: client + 1) was slower
 # than serial and gave an edge channel serial leaves blank (sumwt 132 vs 0,
@@ -197,24 +199,6 @@ def _bound(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str
     return dict(bound.arguments)
 
 
-@contextlib.contextmanager
-def _complete_or_absent(imagename: Any) -> Any:
-    """On failure, remove the image products this call created: no half image
-    that looks valid (products that existed before, a restart's, are kept)."""
-    if not imagename or not isinstance(imagename, str):
-        yield
-        return
-    before = products(imagename)
-    try:
-        yield
-    except BaseException:
-        for path in sorted(products(imagename) - before):
-            shutil.rmtree(path, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise
-
-
 def route_imaging(name: str) -> Any:
     """The route (casa/tasks.py) of the notebook's imaging task ``name``."""
 
@@ -234,22 +218,23 @@ def route_imaging(name: str) -> Any:
                 )
                 params["parallel"] = False
             return task(**params)
-        with _complete_or_absent(params.get("imagename")):
-            if goes_cpp_parallel(name, params):
-                nservers = _cluster().config.nservers
-                if nservers >= MIN_CUBE_SERVERS:
-                    if server_pids() & _gridded_continuum:
-                        _fresh_servers_for_cube(name)
-                    return run_cpp_parallel(name, params)
-                say(
-                    f"{name}: runs serially in the kernel: CASA's C++ cube parallelism needs "
-                    f"{MIN_CUBE_SERVERS} servers (a client and 2 workers), there are {nservers}"
-                )
-                with _serially():
-                    return task(**params)
-            if name == "tclean" and params.get("parallel"):
-                return _continuum(task, params)
-            return task(**params)
+        if goes_cpp_parallel(name, params):
+            nservers = _cluster().config.nservers
+            if nservers >= MIN_CUBE_SERVERS:
+                if server_pids() & _gridded_continuum:
+                    _fresh_servers_for_cube(name)
+                return run_cpp_parallel(name, params)
+            # Not on a server: there casacore's cube imager sees an MPI world
+            # and waits in makepsf for ranks that never join (measured: a hang).
+            say(
+                f"{name}: runs serially in the kernel: CASA's C++ cube parallelism needs "
+                f"{MIN_CUBE_SERVERS} servers (a client and 2 workers), there are {nservers}"
+            )
+            with _serially():
+                return task(**params)
+        if name == "tclean" and params.get("parallel"):
+            return _continuum(task, params)
+        return run_on_a_server(name, params)
 
     return route
 
@@ -299,7 +284,7 @@ def _continuum_attempts(task: Any, params: dict[str, Any]) -> Any:
     global _gridded_continuum
     answer_polls_at_once()
     imagename = params.get("imagename")
-    keep = products(imagename) if isinstance(imagename, str) and imagename else set()
+    keep = image_products(imagename) if isinstance(imagename, str) and imagename else set()
     for attempt in range(CONTINUUM_RERUNS + 1):
         op = progress.current_operation()
         if op is not None:
@@ -327,7 +312,7 @@ def _continuum_attempts(task: Any, params: dict[str, Any]) -> Any:
                 )
         cause = _cluster().last_cause or "a server died"
         if isinstance(imagename, str) and imagename:
-            for path in sorted(products(imagename) - keep):
+            for path in sorted(image_products(imagename) - keep):
                 shutil.rmtree(path, ignore_errors=True)
                 with contextlib.suppress(OSError):
                     os.remove(path)

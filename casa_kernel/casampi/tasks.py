@@ -14,7 +14,7 @@ import types
 import uuid
 from typing import Any
 
-from casa_kernel.casa import rerun, tasks
+from casa_kernel.casa import private, rerun, tasks
 from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
@@ -28,11 +28,10 @@ from casa_kernel.casampi.bridge import (
 )
 from casa_kernel.client import progress
 from casa_kernel.client.dispatch import Dispatcher, Job, Outcome
-from casa_kernel.errors import kernel_cwd
+from casa_kernel.errors import RemoteError, kernel_cwd
 from casa_kernel.server import engine
 
 _serial_call = False  # a call that must not see the servers (see _serially)
-
 
 # -- casampi.MPIEnvironment -----------------------------------------------------
 
@@ -129,6 +128,7 @@ class MPICommandClient:
         if command == PUSH:
             func, args, label = engine.push_values, (dict(parameters or {}),), PUSH
         elif taskname.isidentifier() and parameters is not None:
+            private.assemble_through(_assemble_on_a_server)  # before postExecution
             params = dict(parameters)
             # One token per call, the same for its re-runs: the server keeps what
             # an exact re-run of an in-place task needs under it (casa/rerun.py).
@@ -188,6 +188,29 @@ class MPICommandClient:
                 response(request_id, command, params, outcome.value, failure, server, outcome.host)
             )
         return responses
+
+
+def _assemble_on_a_server(step: str, args: tuple[Any, ...]) -> Any:
+    """A writing step of ParallelDataHelper's assembly of the output Multi-MS
+    (casa/private.py's ASSEMBLY_STEPS), run on a server while the servers run.
+
+    In the kernel, casacore on a full disk throws from a destructor and aborts
+    the kernel; a server that aborts is replaced, and its last words ("No space
+    left on device") make the task's error. Not run again after a death: the
+    assembly moves the sub-MSs it is given.
+    """
+    if not _active():
+        return private.run_assembly_step(step, args)
+    first = args[0] if not isinstance(args[0], list) else args[0][0]
+    label = f"{step} {first}"
+    job = Job(label, engine.run_assembly_step, (step, args, kernel_cwd()), 0, rerun=False)
+    dispatcher = Dispatcher(_cluster(), title=f"assembling {first}")
+    [outcome] = dispatcher.execute([job])
+    if outcome.failure is not None:
+        outcome.failure.submms = f"assembling {first}"
+        tasks.record_failure(outcome.failure)
+        raise RemoteError([outcome.failure])
+    return outcome.value
 
 
 def _where(job: Job, outcome: Outcome) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from casa_kernel.casa.outputs import FULL_DISK
 from casa_kernel.client.interrupts import Interrupts, say
 from casa_kernel.client.jobs import (
     Handle,
@@ -126,15 +127,24 @@ class Dispatcher:
         tracker.poll(handles)
         finished = False
         recoveries = stale_reruns = 0
+        tries: dict[int, int] = {}  # jobs lost and not run again: how many runs they had
+        full_disk = False
         try:
             while True:
                 self._wait(handles, timeout, deadline, tracker)
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
-                lost = [i for i, h in enumerate(handles) if is_lost(h.kind(), h.engine_id(), world)]
+                lost = [
+                    i
+                    for i, h in enumerate(handles)
+                    if i not in tries and is_lost(h.kind(), h.engine_id(), world)
+                ]
                 if not lost:
                     break
                 self.output.relay(handles)
                 names = ", ".join(jobs[i].label for i in lost)
+                if full_disk:  # still full: nothing is run again in this call
+                    tries.update({i: recoveries for i in lost})
+                    continue
                 if (
                     recoveries
                     and stale_reruns < MAX_RECOVERIES
@@ -148,7 +158,18 @@ class Dispatcher:
                 elif recoveries < MAX_RECOVERIES:
                     recoveries += 1
                     cause = self.cluster.recover()
-                    say(f"{cause}; started new servers and re-ran: {names}")
+                    # a full disk fails the same write the same way again
+                    full_disk = FULL_DISK in cause
+                    kept = [i for i in lost if full_disk or not jobs[i].rerun]
+                    tries.update({i: recoveries for i in kept})
+                    lost = [i for i in lost if i not in tries]
+                    if kept:
+                        said = ", ".join(jobs[i].label for i in kept)
+                        say(f"{cause}; started new servers, did not re-run: {said}")
+                    if not lost:
+                        continue  # wait for the rest
+                    again = ", ".join(jobs[i].label for i in lost)
+                    say(f"{cause}; started new servers and re-ran: {again}")
                 else:
                     break
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost], deadline)):
@@ -167,8 +188,11 @@ class Dispatcher:
             tracker.finish(handles, ", ".join(words))
         died = self.cluster.last_cause or "its server died"
         outcomes = [
-            placed(outcome_of(job, h, died, MAX_RECOVERIES + 1), self.output.info(h.engine_id()))
-            for job, h in zip(jobs, handles)
+            placed(
+                outcome_of(job, h, died, tries.get(i, MAX_RECOVERIES + 1)),
+                self.output.info(h.engine_id()),
+            )
+            for i, (job, h) in enumerate(zip(jobs, handles))
         ]
         self.output.release(handles)
         return outcomes

@@ -22,6 +22,10 @@ class Job:
     func: Any
     args: tuple[Any, ...]
     target: int | None = None  # server rank for SPMD; None = load-balanced
+    # Run again on new servers when its server died under it. Not for work that
+    # changed files before it died, and cannot start over from where it was
+    # (assembling a Multi-MS moves its sub-MSs in).
+    rerun: bool = True
 
 
 @dataclass
@@ -167,7 +171,7 @@ def outcome_of(job: Job, handle: Handle, died: str, tries: int) -> Outcome:
         # still "running" on a world that ended after the last allowed
         # recovery: its result will never come (never "Result not ready")
         outcome.failure = server_failure(
-            None, None, "ServerDied", f"{died} while running it, each of {tries} times"
+            None, None, "ServerDied", f"{died} while running it{_each(tries)}"
         )
         return outcome
     try:
@@ -179,9 +183,13 @@ def outcome_of(job: Job, handle: Handle, died: str, tries: int) -> Outcome:
                 None,
                 None,
                 "ServerDied",
-                f"{died} while running it, each of {tries} times; new servers are running",
+                f"{died} while running it{_each(tries)}; new servers are running",
             )
     return outcome
+
+
+def _each(tries: int) -> str:
+    return f", each of {tries} times" if tries > 1 else ""
 
 
 def placed(outcome: Outcome, info: Any) -> Outcome:

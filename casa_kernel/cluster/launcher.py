@@ -122,6 +122,13 @@ _SIGNALLED = re.compile(
 )
 # "Process name: [prterun-vm-7972@1,1]\n   Exit code:    3"
 _EXITED = re.compile(r"Process name:\s*\[[^\]]*?,(?P<rank>\d+)\]\s*Exit code:\s*(?P<code>-?\d+)")
+# A C++ exception nothing caught (casacore throws from destructors: a table
+# flushed on a full disk), the process's last words before SIGABRT:
+# "terminate called after throwing an instance of 'casacore::AipsError'\n  what():  ..."
+_TERMINATED = re.compile(
+    r"terminate called after throwing an instance of '(?P<type>[^']+)'"
+    r"\s*\n\s*what\(\):\s*(?P<what>[^\n]*)"
+)
 
 
 def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
@@ -135,6 +142,7 @@ def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
         name = f" ({match['name']})" if match["name"] else ""
         return (
             f"server rank {match['rank']} on {match['host']} died of signal {match['signal']}{name}"
+            + last_words(output)
         )
     match = _EXITED.search(output)
     if match:
@@ -142,4 +150,13 @@ def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
         host = hosts.get(rank)
         where = f" on {host}" if host else ""
         return f"server rank {rank}{where} exited with code {match['code']}"
-    return "a server died (mpiexec ended the MPI job)"
+    return "a server died (mpiexec ended the MPI job)" + last_words(output)
+
+
+def last_words(output: str) -> str:
+    """': casacore::AipsError: <what>' when a C++ exception ended a server (the
+    last one in mpiexec's output), else ''. SIGABRT alone says nothing of a full disk."""
+    found = list(_TERMINATED.finditer(output))
+    if not found:
+        return ""
+    return f": {found[-1]['type']}: {found[-1]['what'].strip()}"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from casa_kernel import preflight
 from casa_kernel.cluster import health, keyfile
 from casa_kernel.cluster.janitor import kill_now, reap
-from casa_kernel.cluster.launcher import death_cause
+from casa_kernel.cluster.launcher import death_cause, last_words
 from casa_kernel.cluster.state import State
 from casa_kernel.errors import ClusterError
 
@@ -224,10 +224,11 @@ class EngineSet:
 
     def cause(self) -> str:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
-        text = death_cause(self.output(), hosts)
+        output = self.output()
+        text = death_cause(output, hosts)
         code = (self._stop_data or {}).get("exit_code")
         if text.startswith("a server died") and code not in (None, 0):
-            text = f"the servers' mpiexec {health.describe_exit(code)}"
+            text = f"the servers' mpiexec {health.describe_exit(code)}" + last_words(output)
         return text
 
     def output(self) -> str:

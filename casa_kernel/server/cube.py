@@ -1,26 +1,24 @@
-"""CASA's C++ cube parallelism: what runs on the servers.
+"""Imaging on the servers: CASA's C++ cube parallelism, and serial imaging.
 
 The kernel (casa_kernel/casampi/cube.py) sends a cube call as one job per
 server: :func:`cpp_client` on rank 0 runs the task as CASA's C++ MPI client
 (casampi stand-in patched into the task's module, casa/private.py's
 ``cpp_client_module``), :func:`cpp_server` on the others serves it from
 ``synthesisimager().initmpi()``; :func:`limit_threads` shares a host's cores
-first. ipyparallel's canning imports this module on the servers: it imports
+first. :func:`serial_imager` runs a call that is not parallel on one server:
+while servers run, the kernel writes no image (a full disk aborts the process
+that writes one). ipyparallel's canning imports this module on the servers: it imports
 nothing of the kernel's side (tests/unit/test_ladder.py checks it).
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 from typing import Any
 
+from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import CPP_MPI_COMMAND, cpp_client_module
-
-
-def products(imagename: str) -> set[str]:
-    return set(glob.glob(glob.escape(imagename) + ".*"))
 
 
 def limit_threads(servers_on_host: int) -> int:
@@ -34,6 +32,24 @@ def limit_threads(servers_on_host: int) -> int:
 
 
 _START, _SKIP = "initmpi", "skip"
+
+
+def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
+    """Run imaging task ``name`` serially on this server, with every core of its
+    host (the other servers wait: cells run one at a time).
+
+    Image products other than ``keep`` (those that existed before the call) are
+    left-overs of an attempt lost with its server: removed first.
+    """
+    from casa_kernel.server.engine import run_casa_task
+
+    os.chdir(cwd)
+    imagename = params.get("imagename")
+    if isinstance(imagename, str) and imagename:
+        for path in sorted(image_products(imagename) - set(keep)):
+            shutil.rmtree(path, ignore_errors=True)
+    limit_threads(1)
+    return run_casa_task(name, params, None, cwd)
 
 
 def cpp_server(cwd: str) -> None:
@@ -79,7 +95,7 @@ def _as_cpp_client(
     os.chdir(cwd)
     imagename = params.get("imagename")
     if isinstance(imagename, str) and imagename:
-        for path in sorted(products(imagename) - set(keep)):
+        for path in sorted(image_products(imagename) - set(keep)):
             shutil.rmtree(path, ignore_errors=True)
     task = getattr(_casatasks(), name)
 

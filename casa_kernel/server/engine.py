@@ -204,6 +204,21 @@ def run_casa_task(
         _relay_casa_log()
 
 
+def run_assembly_step(step: str, args: tuple[Any, ...], cwd: str | None = None) -> Any:
+    """A writing step of a Multi-MS task's assembly (casa/private.py's
+    ASSEMBLY_STEPS), here instead of in the kernel: casacore on a full disk
+    aborts the process that writes."""
+    from casa_kernel.casa.private import run_assembly_step as run
+    from casa_kernel.casa.tasks import _casatasks
+
+    follow_cwd(cwd)
+    _casatasks()
+    try:
+        return run(step, args)
+    finally:
+        _relay_casa_log()
+
+
 def _relay_casa_log() -> None:
     """Print this server's new CASA warnings and errors, so they reach the notebook.
 

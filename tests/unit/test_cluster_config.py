@@ -171,6 +171,16 @@ def test_find_mpiexec_refuses_a_file_that_is_not_executable(tmp_path):
             "server rank 1 on vm exited with code 3",
         ),
         ("", "a server died (mpiexec ended the MPI job)"),
+        (
+            # casacore on a full disk: the last words before SIGABRT are kept
+            "terminate called after throwing an instance of 'casacore::AipsError'\n"
+            "  what():  FilebufIO: write error for file /small/o.ms/table.dat_tmp: "
+            "No space left on device\n"
+            "prterun noticed that process rank 1 with PID 9 on node vm exited on\n"
+            "signal 6 (Aborted).",
+            "server rank 1 on vm died of signal 6 (Aborted): casacore::AipsError: "
+            "FilebufIO: write error for file /small/o.ms/table.dat_tmp: No space left on device",
+        ),
     ],
 )
 def test_death_cause_reads_prterun(output, expected):
