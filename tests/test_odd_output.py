@@ -188,6 +188,18 @@ def test_servers_follow_the_kernel_and_a_removed_folder_is_said(kc):
     assert _value(execute(kc, "%%casa_parallel\nos.getcwd()")) == [kc.workdir] * 2
 
 
+def test_a_cell_whose_server_dies_every_time_leaves_live_servers_said_once(kc):
+    """The last death of a call is recovered too: the error's "new servers are
+    running" is true, and the next cell announces no second recovery."""
+    died = execute(kc, "%%casa_parallel\nimport os\nif rank == 1: os.kill(os.getpid(), 9)\nrank")
+    assert died.status == "error", died.result
+    assert "each of 3 times; new servers are running" in died.evalue, died.evalue
+    pids = "%%casa_parallel\nimport os\nos.getpid()"
+    first = execute(kc, pids)
+    assert first.status == "ok" and first.stderr == "", first.stderr
+    assert execute(kc, pids).result == first.result
+
+
 # -- hypothesis: bytes, strings and exception types a server can produce ---------------
 
 # their constructors take more than a message: cases of their own above
@@ -417,3 +429,21 @@ def test_disk_filling_while_tclean_writes_is_said_and_the_kernel_lives(kc, tiny_
     assert f"no space left on {disk} writing {image}" in reply.evalue, reply.evalue
     assert sorted(os.listdir(disk)) == ["filler"]  # no half image
     _alive(kc)
+
+
+def test_output_of_c_code_is_said_once_with_where_it_is_kept(tmp_path):
+    """What servers write to file descriptors 1/2 outside Python (C code) is not in
+    the cell (CASA echoes its log there, relayed from the log file): the first
+    such output is said once, with the file that keeps it."""
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(tmp_path)) as (km, kc):
+        write = "%%casa_parallel\nimport os\nos.write(1, b'from C on %d\\n' % rank); rank"
+        first = execute(kc, write)
+        assert first.status == "ok" and first.result == "[0, 1]", first.error
+        match = re.search(r"e\.g\. 'from C on \d'; .* it is kept in (\S+), and in", first.stderr)
+        assert match, first.stderr
+        with open(match.group(1), "rb") as kept:
+            text = kept.read()
+        assert b"from C on 0" in text and b"from C on 1" in text
+        again = execute(kc, write)
+        assert again.status == "ok", again.error
+        assert "outside Python" not in again.stderr  # once

@@ -5,7 +5,8 @@ A parallel continuum call grids on every server (string commands through
 MPICommandClient, minor cycle in the kernel); a cube goes to CASA's C++
 parallelism on the servers (casampi/cube.py, server/cube.py), or runs serially in the kernel
 below MIN_CUBE_SERVERS; any other call runs serially on server rank 0, so that
-the kernel writes no image (a full disk aborts the process that writes one). casatasks' private names are in casa/private.py, the fence.
+the kernel writes no image (a full disk aborts the process that writes one).
+casatasks' private names are in casa/private.py, the fence.
 """
 
 from __future__ import annotations

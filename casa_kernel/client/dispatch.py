@@ -171,6 +171,10 @@ class Dispatcher:
                     again = ", ".join(jobs[i].label for i in lost)
                     say(f"{cause}; started new servers and re-ran: {again}")
                 else:
+                    # No more re-runs, but new servers now: the error says they
+                    # run, and the next cell must not find dead ones and replace
+                    # them again with a second notice of its own.
+                    self.cluster.recover()
                     break
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost], deadline)):
                     handles[i] = handle
@@ -181,6 +185,7 @@ class Dispatcher:
                 if ar.ready():
                     ar.wait_for_output(OUTPUT_GRACE)
             self.output.relay(handles)
+            self.output.note_outside_python()
             self.output.printer.flush()
             failed = sum(1 for h in handles if h.ready() and h.failed())
             words = [] if finished else ["stopped"]
@@ -274,6 +279,9 @@ class Dispatcher:
         return client is not None and len(client.ids) < self.cluster.config.nservers
 
 
+_said_outside_python = False  # the note on servers' C output: once per session
+
+
 class ServerOutput:
     """What the servers print, relayed under their names (rank@host)."""
 
@@ -307,6 +315,28 @@ class ServerOutput:
                 if md.get(name):
                     md[name] = ""
                 self._seen.pop((handle.msg_id, name), None)
+
+    def note_outside_python(self) -> None:
+        """Say ONCE per session that servers wrote outside Python (C code writing
+        to fd 1/2), where it is kept, and what it began with. Not relayed: CASA
+        echoes there what its log (relayed) already says (cluster/launcher.py)."""
+        global _said_outside_python
+        if _said_outside_python:
+            return
+        try:
+            text, path, log = self.cluster._engines.unread_output()
+        except Exception:  # a note must never fail a cell
+            return
+        if not text:
+            return
+        _said_outside_python = True
+        first = text.splitlines()[0][:120]
+        after = f", and in {log} once these servers stop" if log else ""
+        say(
+            f"the servers wrote outside Python (C code writing to file descriptors 1 and 2), "
+            f"e.g. {first!r}; such output is not shown in cells (said once): it is kept in "
+            f"{path}{after}"
+        )
 
     def names(self, eids: set[int]) -> str:
         return ", ".join(self.label(e) for e in sorted(eids))

@@ -131,6 +131,24 @@ _TERMINATED = re.compile(
 )
 
 
+# ipyparallel's own log lines in the servers' output ("2026-12-06 23:27:14.493
+# [IPEngine.1] ...", "[KernelNanny.0]"), and CASA's console echo of its log
+# ("<date>\tWARN\t<origin>\t<text>", relayed from the log file instead).
+_IPP_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \[(IPEngine|KernelNanny)[^\]]*\]")
+_CASA_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\t[A-Z]+\d?\t")
+
+
+def outside_python(output: str) -> str:
+    """The lines of the servers' output that C code wrote to file descriptors
+    1/2: ipyparallel's log and CASA's echoed log lines left out."""
+    kept = [
+        line
+        for line in output.splitlines()
+        if line.strip() and not _IPP_LOG.match(line) and not _CASA_LOG.match(line)
+    ]
+    return "\n".join(kept)
+
+
 def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
     """'server rank 1 on vm died of signal 9 (Killed)' from mpiexec's words.
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from casa_kernel import preflight
 from casa_kernel.cluster import health, keyfile
 from casa_kernel.cluster.janitor import kill_now, reap
-from casa_kernel.cluster.launcher import death_cause, last_words
+from casa_kernel.cluster.launcher import death_cause, last_words, outside_python
 from casa_kernel.cluster.state import State
 from casa_kernel.errors import ClusterError
 
@@ -34,6 +34,8 @@ log = logging.getLogger("casa_kernel.cluster")
 
 # How long the controller gets to drop the servers of a killed engine set.
 UNREGISTER_TIMEOUT = 15.0
+# What is read of the servers' output per cell for the note on C output (its start).
+UNREAD_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class EngineSet:
         self._ours = False  # stopped by us (a replacement), not by a death
         self.lost = ""  # why the servers' batch job ended from outside ("" if it did not)
         self.url_file: str | None = None  # the connection file on a shared folder, if any
+        self._read_upto: dict[str, int] = {}  # servers' output file -> bytes already seen
 
     def job(self) -> Any:
         """The batch job launcher of the current engine set (None: mpiexec run here)."""
@@ -161,6 +164,7 @@ class EngineSet:
         if c.config.placement.is_local:
             c.janitor.add(info.pid for info in c.servers.values())
         c.janitor.make_private()
+        self.unread_output()  # the baseline: what they wrote while starting is not news
         for launcher in [c._ipp.controller, *c._ipp.engines.values()]:
             c.janitor.track(launcher)  # the schedulers and nannies exist by now
 
@@ -230,6 +234,30 @@ class EngineSet:
         if text.startswith("a server died") and code not in (None, 0):
             text = f"the servers' mpiexec {health.describe_exit(code)}" + last_words(output)
         return text
+
+    def unread_output(self) -> tuple[str, str, str]:
+        """What the servers wrote outside Python (C code, fd 1/2) since the last
+        call; the file that keeps it while they run, and the log it goes to after.
+
+        The first call for an engine set only sets the baseline: their start-up
+        (before Python's streams are ours) is not news.
+        """
+        launcher = self.launcher
+        path = getattr(launcher, "output_file", "") if launcher is not None else ""
+        log = getattr(launcher, "output_log", "") if launcher is not None else ""
+        try:
+            size = os.path.getsize(path) if path else 0
+        except OSError:
+            return "", path, log
+        start = self._read_upto.get(path)
+        self._read_upto[path] = size
+        if start is None or size <= start:
+            return "", path, log
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(min(size - start, UNREAD_LIMIT))
+        text = data.decode("utf-8", errors="replace")
+        return outside_python(preflight.without_job_lines(text)), path, log
 
     def output(self) -> str:
         launcher = self.launcher

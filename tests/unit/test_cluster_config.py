@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from casa_kernel.cluster.launcher import death_cause
+from casa_kernel.cluster.launcher import death_cause, outside_python
 from casa_kernel.config.hostfile import parse_hostfile, place
 from casa_kernel.config.mpiexec import (
     SLEEP_WHEN_IDLE,
@@ -263,3 +263,17 @@ def test_preload_setting(tmp_path):
     assert ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": " Yes "}).preload_casa is True
     with pytest.raises(ClusterError, match="CASA_KERNEL_PRELOAD='maybe'"):
         ClusterConfig.from_env({"CASA_KERNEL_PRELOAD": "maybe"})
+
+
+def test_outside_python_keeps_only_what_c_code_wrote():
+    output = (
+        "2026-12-06 23:27:16.531 [IPEngine.0.0] Handling apply_request: cea29cda_1\n"
+        "fd2 \ufffd\n"
+        "2026-12-06 23:27:14.735 [KernelNanny.0] Nanny watching parent pid 9581.\n"
+        "2026-12-06 22:49:18\tSEVERE\tMeasTable::dUTC(Double)\tLeap second table\n"
+        "2026-12-06 22:49:18\tINFO1\timager\tsomething\n"
+        "\n"
+        "hello from fd1 0\n"
+    )
+    assert outside_python(output) == "fd2 \ufffd\nhello from fd1 0"
+    assert outside_python("2026-12-06 23:27:16.547 [IPEngine.1.1] Handling x\n") == ""
