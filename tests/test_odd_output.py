@@ -18,7 +18,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernels import execute, kernel_env, running_kernel
+from kernels import execute, kernel_env, kernel_pid, running_kernel
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -198,6 +198,23 @@ def test_a_cell_whose_server_dies_every_time_leaves_live_servers_said_once(kc):
     first = execute(kc, pids)
     assert first.status == "ok" and first.stderr == "", first.stderr
     assert execute(kc, pids).result == first.result
+
+
+def test_kernel_memory_stays_flat_over_cells_of_big_output(kc):
+    """Each cell relays 20 MB of servers' output (10 MB per server, the limit);
+    IPython 9 kept all of it in its history of outputs: +20 MiB per cell, for ever."""
+    import psutil
+
+    kernel = psutil.Process(kernel_pid(kc.km))
+    cell = "%%casa_parallel\nfor i in range(30000): print('x' * 1000)\nrank"
+    rss = []
+    for _ in range(7):
+        reply = execute(kc, cell, timeout=300)
+        assert reply.status == "ok", reply.error
+        rss.append(kernel.memory_info().rss)
+    # the first cells set the allocator's high-water mark; then it must not climb
+    grown = (rss[-1] - rss[3]) / 2**20
+    assert grown < 15, [r // 2**20 for r in rss]
 
 
 # -- hypothesis: bytes, strings and exception types a server can produce ---------------

@@ -25,6 +25,8 @@ from casa_kernel.kernel.session import ClusterSession
 log = logging.getLogger("casa_kernel")
 
 PRELOAD_JOIN_TIMEOUT = 60.0  # s: CASA's import takes 2-5 s, more on a loaded machine
+# What IPython's history keeps of one cell's printed text (see _bound_output_history).
+HISTORY_OUTPUT_LIMIT = 64 * 1024
 
 
 def _preload(tasks: Any) -> None:
@@ -98,6 +100,7 @@ class CasaKernel(IPythonKernel):
                 "fix the kernelspec's setting, then %casa_cluster restart"
             )
         self.shell.events.register("pre_run_cell", self._say_problems)
+        self.shell.events.register("post_run_cell", self._bound_output_history)
         self._preload: threading.Thread | None = None
         self._preload_lock = threading.Lock()
         if self._preload_wanted():
@@ -117,6 +120,28 @@ class CasaKernel(IPythonKernel):
         problems, self._problems = self._problems, []
         for problem in problems:
             print(f"casa-kernel: {problem}", file=sys.stderr)
+
+    def _bound_output_history(self, result: Any = None) -> None:
+        """Keep at most HISTORY_OUTPUT_LIMIT characters of the cell's printed text
+        in IPython's history of outputs (IPython 9 keeps all of it, for
+        %notebook: a cell relaying 20 MB of servers' output grew the kernel by
+        ~20 MiB, every time). The notebook has the text; only that record is cut."""
+        outputs = getattr(self.shell.history_manager, "outputs", None)
+        count = getattr(result, "execution_count", None)
+        if not outputs or count not in outputs:
+            return
+        for output in outputs[count]:
+            stream = output.bundle.get("stream") if isinstance(output.bundle, dict) else None
+            if not isinstance(stream, list):
+                continue
+            size = sum(len(part) for part in stream)
+            if size > HISTORY_OUTPUT_LIMIT:
+                text = "".join(stream)[:HISTORY_OUTPUT_LIMIT]
+                output.bundle["stream"] = [
+                    text,
+                    f"\n[casa-kernel: {size - len(text)} more characters of this cell's "
+                    "output are not kept in the kernel's history]\n",
+                ]
 
     def _preload_wanted(self) -> bool:
         from casa_kernel.config.settings import env_flag
