@@ -88,7 +88,7 @@ class StatusTable:
             str(row.pid),
             str(row.state),
             work,
-            _bytes(getattr(row, "memory", None)),
+            _memory(getattr(row, "memory", None), getattr(row, "share", None)),
         )
 
     def __repr__(self) -> str:
@@ -125,6 +125,15 @@ class ServerRow:
     jobs: int = 0  # finished pieces of work
     pid: int | None = None
     memory: int | None = None  # resident set size, bytes
+    share: int | None = None  # the memory CASA plans for on it (0: the whole host)
+
+
+def _memory(rss: int | None, share: int | None) -> str:
+    """'212 MiB of 11.7 GiB': a server's memory against its share for CASA."""
+    text = _bytes(rss)
+    if share and text:
+        text += f" of {_bytes(share)}"
+    return text
 
 
 def _seconds(value: float | None) -> str:

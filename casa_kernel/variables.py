@@ -28,6 +28,7 @@ MPI_ARGS = "CASA_KERNEL_MPI_ARGS"
 START_TIMEOUT = "CASA_KERNEL_START_TIMEOUT"
 CONTROLLER_LOCATION = "CASA_KERNEL_CONTROLLER_LOCATION"
 PRELOAD = "CASA_KERNEL_PRELOAD"
+SERVER_MEMORY = "CASA_KERNEL_SERVER_MEMORY"
 OVERSUBSCRIBE = "CASA_KERNEL_OVERSUBSCRIBE"
 BATCH = "CASA_KERNEL_BATCH"
 ENCRYPT = "CASA_KERNEL_ENCRYPT"
@@ -100,6 +101,14 @@ VARIABLES: tuple[Variable, ...] = (
         "",
         "encrypt the controller's traffic (CurveZMQ): 1 always, 0 never; "
         "unset: whenever a server may run on another host",
+    ),
+    Variable(
+        SERVER_MEMORY,
+        "",
+        "the memory each server tells CASA it has, for CASA's own planning (a cube's "
+        "chunks), e.g. 8GiB; unset: what the server may use (the host's memory, or its "
+        "batch job's or cgroup's limit) divided by the servers on its host; 0: the whole "
+        "host for every server, as under mpicasa",
     ),
     Variable(
         KEY_DIR,

@@ -36,6 +36,7 @@ from casa_kernel.client.jobs import (
 )
 from casa_kernel.client.progress import Tracker
 from casa_kernel.cluster.lifecycle import CasaCluster
+from casa_kernel.cluster.servers import OOM_KILLED
 from casa_kernel.display import StreamPrinter, server_label
 from casa_kernel.errors import ClusterError, RemoteError, kernel_cwd
 from casa_kernel.server import engine
@@ -128,7 +129,7 @@ class Dispatcher:
         finished = False
         recoveries = stale_reruns = 0
         tries: dict[int, int] = {}  # jobs lost and not run again: how many runs they had
-        full_disk = False
+        full_disk = False  # (or out of memory: nothing re-run either)
         try:
             while True:
                 self._wait(handles, timeout, deadline, tracker)
@@ -158,8 +159,9 @@ class Dispatcher:
                 elif recoveries < MAX_RECOVERIES:
                     recoveries += 1
                     cause = self.cluster.recover()
-                    # a full disk fails the same write the same way again
-                    full_disk = FULL_DISK in cause
+                    # a full disk fails the same write the same way again; the
+                    # same work needs the same memory
+                    full_disk = FULL_DISK in cause or OOM_KILLED in cause
                     kept = [i for i in lost if full_disk or not jobs[i].rerun]
                     tries.update({i: recoveries for i in kept})
                     lost = [i for i in lost if i not in tries]

@@ -234,6 +234,9 @@ def status_rows(cluster: Any, timeout: float = 2.0) -> list[ServerRow]:
     for info in infos:
         row = ServerRow(info.rank, info.host, info.state, pid=info.pid)
         eid = eid_of.get((info.rank, info.pid))
+        known = cluster.servers.get(eid) if eid is not None else None
+        if known is not None:
+            row.share = known.memory_share
         if eid in work:
             row.work, since = work[eid]
             row.elapsed = now - since

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from casa_kernel import preflight
+from casa_kernel import preflight, variables
 from casa_kernel.cluster import health, keyfile
 from casa_kernel.cluster.janitor import kill_now, reap
 from casa_kernel.cluster.launcher import death_cause, last_words, outside_python
@@ -34,6 +34,9 @@ log = logging.getLogger("casa_kernel.cluster")
 
 # How long the controller gets to drop the servers of a killed engine set.
 UNREGISTER_TIMEOUT = 15.0
+# How a death by the OOM killer is said (a job is not run again after one: the
+# same work would need the same memory).
+OOM_KILLED = "killed by the out-of-memory killer"
 # What is read of the servers' output per cell for the note on C output (its start).
 UNREAD_LIMIT = 64 * 1024
 
@@ -46,6 +49,9 @@ class ServerInfo:
     host: str
     pid: int
     state: str  # idle | busy | stuck | dead | starting | replacing
+    memory_share: int = 0  # bytes CASA plans for on this server (0: the whole host)
+    cgroup: str = ""  # its memory cgroup folder, where the OOM killer's kills are counted
+    oom_kills: int | None = None  # that count when the server started
 
 
 class EngineSet:
@@ -158,8 +164,8 @@ class EngineSet:
         infos = await asyncio.wrap_future(ar)
         # keyed by engine id; engine ids need not equal ranks after a replacement
         c.servers = {
-            eid: ServerInfo(rank, host, pid, "idle")
-            for eid, (rank, host, pid) in zip(ar.engine_id, infos)
+            eid: ServerInfo(rank, host, pid, "idle", share, cgroup, oom)
+            for eid, (rank, host, pid, share, cgroup, oom) in zip(ar.engine_id, infos)
         }
         if c.config.placement.is_local:
             c.janitor.add(info.pid for info in c.servers.values())
@@ -230,6 +236,8 @@ class EngineSet:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
         output = self.output()
         text = death_cause(output, hosts)
+        if self.cluster.config.placement.is_local:
+            text = out_of_memory(text, list(self.cluster.servers.values())) or text
         code = (self._stop_data or {}).get("exit_code")
         if text.startswith("a server died") and code not in (None, 0):
             text = f"the servers' mpiexec {health.describe_exit(code)}" + last_words(output)
@@ -268,6 +276,27 @@ class EngineSet:
         except Exception:
             output = launcher.final_output
         return preflight.without_job_lines(output).strip()
+
+
+def out_of_memory(cause: str, servers: list[ServerInfo]) -> str:
+    """The death ``cause`` said as an out-of-memory kill when the OOM killer took
+    a process of a server's cgroup since it started ('' when it did not)."""
+    from casa_kernel.server.memory import oom_kills
+
+    for info in servers:
+        if not info.cgroup or info.oom_kills is None:
+            continue
+        now = oom_kills(info.cgroup)
+        if now is None or now <= info.oom_kills:
+            continue
+        share = f"{info.memory_share / 2**30:.1f} GiB" if info.memory_share else "the whole host"
+        who = cause.split(" died of ")[0] if " died of " in cause else "a server"
+        return (
+            f"{who} was {OOM_KILLED} (CASA planned for {share} on it). "
+            "Use fewer servers per host (-n), or more memory for them (a larger batch job), "
+            f"or a smaller {variables.SERVER_MEMORY}"
+        )
+    return ""
 
 
 async def stop_all(cluster: CasaCluster) -> None:

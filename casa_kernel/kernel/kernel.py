@@ -99,6 +99,7 @@ class CasaKernel(IPythonKernel):
                 f"the cluster was not started: {exc}\n"
                 "fix the kernelspec's setting, then %casa_cluster restart"
             )
+        self._check_server_memory()
         self.shell.events.register("pre_run_cell", self._say_problems)
         self.shell.events.register("post_run_cell", self._bound_output_history)
         self._preload: threading.Thread | None = None
@@ -142,6 +143,20 @@ class CasaKernel(IPythonKernel):
                     f"\n[casa-kernel: {size - len(text)} more characters of this cell's "
                     "output are not kept in the kernel's history]\n",
                 ]
+
+    def _check_server_memory(self) -> None:
+        """A bad server memory setting is said in the first cell (the servers then
+        take their default share)."""
+        from casa_kernel.server.memory import parse_size
+
+        setting = os.environ.get(variables.SERVER_MEMORY, "")
+        try:
+            parse_size(setting) if setting.strip() else None
+        except ValueError as exc:
+            self._problems.append(
+                f"{variables.SERVER_MEMORY}: {exc}; each server takes its share of its "
+                "host's memory instead"
+            )
 
     def _preload_wanted(self) -> bool:
         from casa_kernel.config.settings import env_flag

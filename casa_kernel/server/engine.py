@@ -11,10 +11,12 @@ import ast
 import linecache
 import os
 import sys
+import tempfile
 import threading
 from typing import Any
 
 from casa_kernel import variables
+from casa_kernel.server import memory as memory_share
 
 _state: dict[str, Any] = {}
 
@@ -30,7 +32,7 @@ def _user_ns() -> dict[str, Any]:
 
 def setup_server(
     preload_casa: bool = False, casa_timeout: float | None = None
-) -> tuple[int, str, int]:
+) -> tuple[int, str, int, int, str, int | None]:
     """Bind ``rank``, ``size``, ``comm`` and ``MPI`` in the server's namespace.
 
     With ``preload_casa`` a background thread starts importing CASA, as mpicasa's
@@ -41,7 +43,11 @@ def setup_server(
     ``casa_timeout`` (the cluster's start_timeout) bounds the wait for CASA's
     import: a server that cannot import it says why, naming itself, in the
     first task that needs it, never an endless wait (casa/loading.py).
-    Returns (rank, host, pid) so the client knows where each server runs.
+    Before CASA can be imported, the server takes its share of its host's
+    memory for CASA's planning (server/memory.py).
+    Returns (rank, host, pid, memory share in bytes or 0, memory cgroup folder,
+    the OOM killer's count there) so the client knows where each server runs and
+    can tell an out-of-memory kill from another death.
     """
     from casa_kernel.casa import loading
 
@@ -69,6 +75,8 @@ def setup_server(
         tag = os.environ.get(variables.LOG_TAG)
         _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
     _state.update(rank=comm.Get_rank(), host=host)
+    if "memory_share" not in _state:
+        _state["memory_share"] = _take_memory_share(comm.Get_rank())
     if preload_casa and "preload" not in _state:
         # MPI is initialised by now (the engine's --mpi), so casatools finds the
         # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
@@ -77,7 +85,27 @@ def setup_server(
             target=preload_casa_now, name="casa-preload", daemon=True
         )
         _state["preload"].start()
-    return comm.Get_rank(), host, os.getpid()
+    cgroup = memory_share.cgroup_dir()
+    oom = memory_share.oom_kills(cgroup) if cgroup else None
+    return comm.Get_rank(), host, os.getpid(), _state["memory_share"], cgroup, oom
+
+
+def _take_memory_share(rank: int) -> int:
+    """Tell CASA (not yet imported) this server's share of its host's memory."""
+    memory_share.be_the_oom_killers_first_choice()
+    if "casatools" in sys.modules:  # read once per process: too late to change
+        return 0
+    try:
+        share = memory_share.share_for_this_server(os.environ.get(variables.SERVER_MEMORY, ""))
+    except ValueError:  # the kernel says what is wrong with the setting in the first cell
+        share = memory_share.share_for_this_server("")
+    if share:
+        folder = os.environ.get(variables.LOG_DIR) or tempfile.gettempdir()
+        try:
+            memory_share.give_casa_share(share, folder, rank)
+        except OSError:
+            return 0
+    return share
 
 
 def where() -> str:
