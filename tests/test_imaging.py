@@ -362,6 +362,12 @@ def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_di
     # rank 1 served CASA's C++ cube client (initmpi renames its log origin)
     logs = "".join(p.read_text(errors="replace") for p in casa_log_dir.glob("*rank1*.log"))
     assert "MPIServer-1" in logs
+    # the live display showed each server's step, read from its CASA log
+    shown = [c["data"].get("text/html", "") for _, c in LAST["reply"].display_messages()]
+    steps = set(
+        re.findall(r"major cycle \d|making the psf|minor cycle, channels \d+-\d+", " ".join(shown))
+    )
+    assert steps, shown[-1]
 
 
 def test_cube_after_parallel_continuum_gets_fresh_servers_and_equals_serial(root, kernel):

@@ -107,6 +107,7 @@ class LogTail:
 # one set per kernel ever started, so without pruning the folder only grows.
 KERNEL_LOG_PATTERNS: tuple[str, ...] = (
     "casa-*-kernel*-*.log",
+    "casa-*-kernel*-*.casarc",  # a server's memory share for CASA (server/memory.py)
     "ipengine-casa-kernel-*.log",
     "casa-kernel-*-cluster.log",
 )

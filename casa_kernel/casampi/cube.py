@@ -12,13 +12,17 @@ cpp_server, limit_threads.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
-from casa_kernel import display
+from casa_kernel import display, variables
+from casa_kernel.casa.config import logfile_path
+from casa_kernel.casa.logs import LogTail
 from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import CPP_PARALLEL_TASKS
 from casa_kernel.casa.tasks import record_failure
 from casa_kernel.casampi.bridge import _cluster
+from casa_kernel.client import progress
 from casa_kernel.client.dispatch import Dispatcher, Job
 from casa_kernel.client.interrupts import say
 from casa_kernel.errors import RemoteError
@@ -115,13 +119,61 @@ def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
         Job(f"{name} (C++ parallel server)", cpp_server, worker_args, target=r)
         for r in range(1, nservers)
     ]
-    outcomes = Dispatcher(cluster).execute([client, *workers])
+    steps = WorkerSteps(range(nservers))
+    title = f"{name} cube" + (f" {imagename!r}" if imagename else "")
+    with progress.operation(title, live=steps) as op:
+        outcomes = Dispatcher(cluster).execute([client, *workers])
+        if not steps.read_any:
+            op.stage = "each server's step not shown: their CASA logs are not readable here"
     failures = [o.failure for o in outcomes if o.failure is not None]
     if failures:
         for failure in failures:
             failure.submms = f"channels of {params.get('imagename') or params.get('vis')}"
         raise RemoteError(failures)
     return outcomes[0].value
+
+
+# What CASA's cube client and workers log as they go (casatasks 6.6-6.7), read
+# from their CASA logs while a cube runs: each server's step in the live display.
+_STEPS = (
+    (re.compile(r"Processing channels in range \[(\d+), (\d+)\]"), "minor cycle, channels {0}-{1}"),
+    (re.compile(r"Run Major Cycle (\d+)"), "major cycle {0}"),
+    (re.compile(r"- Make PSF -"), "making the psf"),
+    (re.compile(r"Evaluating Primary Beam"), "making the primary beam"),
+    (re.compile(r"Restoring model image"), "restoring"),
+)
+
+
+_LEVELS = ("INFO", "INFO1", "INFO2", "WARN")  # the steps are INFO lines
+
+
+class WorkerSteps:
+    """rank -> its current step in a cube, from the CASA log it writes (the log
+    folder is the kernel's: servers on other hosts show theirs only if it is shared)."""
+
+    def __init__(self, ranks: Any):
+        log_dir = os.environ.get(variables.LOG_DIR, "")
+        tag = os.environ.get(variables.LOG_TAG)
+        hosts = {info.rank: info.host for info in _cluster().servers.values()}
+        self.tails = {
+            r: LogTail(logfile_path(log_dir, rank=r, host=hosts.get(r), tag=tag))
+            for r in ranks
+            if log_dir
+        }
+        self.steps: dict[int, str] = {}
+        self.read_any = False
+
+    def __call__(self, rank: int) -> str | None:
+        tail = self.tails.get(rank)
+        if tail is not None:
+            for line in tail.read_new(levels=_LEVELS):
+                for pattern, text in _STEPS:
+                    match = pattern.search(line)
+                    if match:
+                        self.steps[rank] = text.format(*match.groups())
+                        self.read_any = True
+                        break
+        return self.steps.get(rank)
 
 
 def run_on_a_server(name: str, params: dict[str, Any]) -> Any:

@@ -48,12 +48,16 @@ class Operation:
         title: str,
         describe: Callable[[str], str] | None = None,
         show_after: float = 0.0,
+        live: Callable[[int], str | None] | None = None,
     ):
         self.view = Progress(title, 1, "call", show_after)
         self.t0 = time.monotonic()
         self.stage = ""  # what the call is at, from the client side
         self.cycles = 0  # major cycles begun (imaging)
         self.describe = describe or (lambda label: label)
+        # server rank -> what it does now, read at each refresh (a cube's workers:
+        # their step, from their CASA logs); None keeps the job's label
+        self.live = live
         self.busy: dict[int, float] = {}  # engine id -> seconds, over every dispatch
         self.jobs: dict[int, int] = {}
         self.rows: list[ServerRow] = []
@@ -74,10 +78,14 @@ _operation: Operation | None = None
 
 
 @contextlib.contextmanager
-def operation(title: str, describe: Callable[[str], str] | None = None) -> Iterator[Operation]:
+def operation(
+    title: str,
+    describe: Callable[[str], str] | None = None,
+    live: Callable[[int], str | None] | None = None,
+) -> Iterator[Operation]:
     """While open, every dispatch's progress goes to one display (see Operation)."""
     global _operation
-    op = _operation = Operation(title, describe)
+    op = _operation = Operation(title, describe, live=live)
     ended = "stopped"
     try:
         yield op
@@ -196,6 +204,8 @@ class Tracker:
                 row.state = "dead"
             elif eid in running:
                 work, since = running[eid]
+                if self.op is not None and self.op.live is not None:
+                    work = self.op.live(info.rank) or work
                 row.state, row.work, row.elapsed = "busy", work, now - since
                 row.busy += now - since
             rows.append(row)

@@ -100,9 +100,14 @@ def _take_memory_share(rank: int) -> int:
     except ValueError:  # the kernel says what is wrong with the setting in the first cell
         share = memory_share.share_for_this_server("")
     if share:
-        folder = os.environ.get(variables.LOG_DIR) or tempfile.gettempdir()
+        # beside this server's CASA log (casa-<host>-<tag>-rank<R>.casarc): one per
+        # server of each kernel, pruned with the logs
+        log_dir = os.environ.get(variables.LOG_DIR) or tempfile.gettempdir()
+        from casa_kernel.casa.config import logfile_path
+
+        log = logfile_path(log_dir, rank=rank, tag=os.environ.get(variables.LOG_TAG))
         try:
-            memory_share.give_casa_share(share, folder, rank)
+            memory_share.give_casa_share(share, log[: -len(".log")] + ".casarc")
         except OSError:
             return 0
     return share

@@ -121,15 +121,16 @@ def oom_kills(folder: str) -> int | None:
     return None
 
 
-def give_casa_share(share: int, folder: str, rank: int) -> None:
-    """Make CASA in this process plan for ``share`` bytes (before CASA is imported)."""
-    rc = Path(folder, f"casa-kernel-rank{rank}.casarc")
-    rc.write_text(f"system.resources.memory: {max(1, share // 2**20)}\n")
+def give_casa_share(share: int, rc: str) -> None:
+    """Make CASA in this process plan for ``share`` bytes (before CASA is imported),
+    through the casarc file ``rc`` (written here)."""
+    rc_file = Path(rc)
+    rc_file.write_text(f"system.resources.memory: {max(1, share // 2**20)}\n")
     # CASARCFILES replaces casacore's own list: the user's files stay after ours
     theirs = os.environ.get("CASARCFILES") or ":".join(
         str(Path.home() / name) for name in (".casarc", ".casa/rc", ".aipsrc")
     )
-    os.environ["CASARCFILES"] = f"{rc}:{theirs}"
+    os.environ["CASARCFILES"] = f"{rc_file}:{theirs}"
 
 
 def be_the_oom_killers_first_choice() -> None:
