@@ -42,7 +42,10 @@ class Reply:
         return "\n".join(t for t in (self.evalue, self.stderr) if t)
 
 
-def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
+def execute(kc: Any, code: str, timeout: float = 180, on_output: Any = None) -> Reply:
+    """Run ``code``; everything it produced. ``on_output(reply)`` is called after
+    each of its messages (a test acts when the servers printed a marker: events,
+    not sleeps)."""
     msg_id = kc.execute(code)
     reply = Reply()
     deadline = time.monotonic() + timeout
@@ -66,6 +69,8 @@ def execute(kc: Any, code: str, timeout: float = 180) -> Reply:
             reply.traceback = "\n".join(content["traceback"])
         elif kind == "status" and content["execution_state"] == "idle":
             break
+        if on_output is not None:
+            on_output(reply)
     while True:
         # wait_for_ready() may have sent several kernel_info requests to a kernel
         # slow to start: their late replies are not this request's
