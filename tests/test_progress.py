@@ -91,7 +91,7 @@ def test_status_shows_work_and_memory(kc):
     lines = reply.result.splitlines()
     assert lines[1].split() == ["rank", "host", "pid", "state", "work", "memory"]
     for line in lines[2:]:
-        assert re.search(r"idle\s+-\s+\d+\.\d MiB$", line), line
+        assert re.search(r"idle\s+-\s+\d+\.\d MiB of \d+\.\d GiB$", line), line
 
 
 def test_cluster_start_is_one_live_display(kc):
