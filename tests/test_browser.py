@@ -337,7 +337,7 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path, tiny_mms: str) ->
                 # The table tells the truth: its pids are this kernel's servers.
                 cluster_pids = {p.pid for p in cluster_processes(pid)}
                 assert {int(r[2]) for r in rows} <= cluster_pids, f"{rows} vs {cluster_pids}"
-                assert all(r[5].endswith("MiB") for r in rows), f"rows: {rows}"
+                assert all(re.search(r"MiB of [\d.]+ GiB$", r[5]) for r in rows), f"rows: {rows}"
 
                 # A long per-sub-MS cell: its live table is on the page while it runs.
                 cell = page.locator(f"{NOTEBOOK} .jp-CodeCell").nth(2)
