@@ -62,9 +62,9 @@ def _replies(kc, msg_ids: list[str], timeout: float) -> dict[str, tuple[float, d
     return got
 
 
-def _printed_until(kc, text: str, timeout: float) -> str:
-    """What was printed (any cell) up to and including ``text``: waits for it."""
-    printed = ""
+def _printed_until(kc, text: str, timeout: float, printed: str = "") -> str:
+    """``printed`` and what was printed since (any cell), once ``text`` is in it
+    (waits for it; the kernel's messages may come in one stream message or two)."""
     deadline = time.monotonic() + timeout
     while text not in printed:
         msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
@@ -123,7 +123,7 @@ def test_deadlocked_barrier_interrupt_then_queued_cells_never_hang(kc):
     assert replies[cell][1]["ename"] == "KeyboardInterrupt"
     assert replies[queued_status][1]["status"] == "ok"
     assert replies[queued_status][0] - interrupted_at < 1 + LOADED / 2
-    printed = waiting + _printed_until(kc, "killed; new servers are starting", timeout=30)
+    printed = _printed_until(kc, "killed; new servers are starting", 30, printed=waiting)
     assert "still running an interrupted cell" in printed
 
     again = execute(kc, "%%casa_parallel\nrank")

@@ -94,8 +94,10 @@ class Interrupts:
             self.cluster.stuck.clear()
             return
         names = self.names(stuck)
-        say(f"{names} still running an interrupted cell; waiting (interrupt to replace)")
         try:
+            # (inside the try: an interrupt that lands while this is printed, as
+            # soon as the user sees it, replaces them too)
+            say(f"{names} still running an interrupted cell; waiting (interrupt to replace)")
             for ar in {id(a): a for e in stuck for a in self.cluster.stuck.get(e, [])}.values():
                 while not ar.wait(POLL):
                     if self.cluster.is_lost():
