@@ -131,18 +131,20 @@ class CasaKernel(IPythonKernel):
         count = getattr(result, "execution_count", None)
         if not outputs or count not in outputs:
             return
+        room = HISTORY_OUTPUT_LIMIT  # for the whole cell: stdout and stderr entries
         for output in outputs[count]:
             stream = output.bundle.get("stream") if isinstance(output.bundle, dict) else None
             if not isinstance(stream, list):
                 continue
             size = sum(len(part) for part in stream)
-            if size > HISTORY_OUTPUT_LIMIT:
-                text = "".join(stream)[:HISTORY_OUTPUT_LIMIT]
+            if size > room:
+                text = "".join(stream)[:room]
                 output.bundle["stream"] = [
                     text,
                     f"\n[casa-kernel: {size - len(text)} more characters of this cell's "
                     "output are not kept in the kernel's history]\n",
                 ]
+            room = max(0, room - size)
 
     def _check_server_memory(self) -> None:
         """A bad server memory setting is said in the first cell (the servers then
