@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import os
 import re
 import shutil
@@ -296,41 +297,33 @@ def test_bad_settings_are_said_in_the_first_cell(tmp_path):
 # -- case 4: a full disk --------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _tmpfs(folder, size: str):
-    """A tmpfs of ``size`` on ``folder`` (root only; unmounted by the caller)."""
+    """A tmpfs of ``size`` on ``folder`` (root only), unmounted afterwards."""
     import subprocess
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     folder.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-    return folder
-
-
-def _unmount(folder) -> None:
-    import subprocess
-
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """An 8 MB tmpfs (root only), unmounted afterwards."""
-    mount = _tmpfs(tmp_path / "small", "8m")
-    try:
+    """An 8 MB tmpfs."""
+    with _tmpfs(tmp_path / "small", "8m") as mount:
         yield mount
-    finally:
-        _unmount(mount)
 
 
 @pytest.fixture
 def disk(tmp_path):
-    """A 128 MB tmpfs (root only), unmounted afterwards."""
-    mount = _tmpfs(tmp_path / "disk", "128m")
-    try:
+    """A 128 MB tmpfs."""
+    with _tmpfs(tmp_path / "disk", "128m") as mount:
         yield mount
-    finally:
-        _unmount(mount)
 
 
 def _leave_free(folder, nbytes: int) -> None:

@@ -11,14 +11,11 @@ casatasks' private names are in casa/private.py, the fence.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
-import shutil
 import sys
 from typing import Any
 
-from casa_kernel.casa.outputs import image_products
+from casa_kernel.casa.outputs import image_products, remove_paths
 from casa_kernel.casa.private import (
     CPP_MPI_COMMAND,
     IMAGER_STEPS,
@@ -313,10 +310,7 @@ def _continuum_attempts(task: Any, params: dict[str, Any]) -> Any:
                 )
         cause = _cluster().last_cause or "a server died"
         if isinstance(imagename, str) and imagename:
-            for path in sorted(image_products(imagename) - keep):
-                shutil.rmtree(path, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            remove_paths(sorted(image_products(imagename) - keep))
         forget_failures()
         _reset_iteration_control()
         say(f"{cause}: the servers' imagers were lost; re-ran tclean from the start")

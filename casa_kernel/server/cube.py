@@ -34,6 +34,13 @@ def limit_threads(servers_on_host: int) -> int:
 _START, _SKIP = "initmpi", "skip"
 
 
+def _remove_lost_attempt(imagename: Any, keep: list[str]) -> None:
+    """Remove the image products a lost attempt of this call left (all but ``keep``)."""
+    if isinstance(imagename, str) and imagename:
+        for path in sorted(image_products(imagename) - set(keep)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
     """Run imaging task ``name`` serially on this server, with every core of its
     host (the other servers wait: cells run one at a time).
@@ -44,10 +51,7 @@ def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) 
     from casa_kernel.server.engine import run_casa_task
 
     os.chdir(cwd)
-    imagename = params.get("imagename")
-    if isinstance(imagename, str) and imagename:
-        for path in sorted(image_products(imagename) - set(keep)):
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_lost_attempt(params.get("imagename"), keep)
     limit_threads(1)
     return run_casa_task(name, params, None, cwd)
 
@@ -93,10 +97,7 @@ def _as_cpp_client(
     from casa_kernel.casa.tasks import _casatasks
 
     os.chdir(cwd)
-    imagename = params.get("imagename")
-    if isinstance(imagename, str) and imagename:
-        for path in sorted(image_products(imagename) - set(keep)):
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_lost_attempt(params.get("imagename"), keep)
     task = getattr(_casatasks(), name)
 
     class _Core:
