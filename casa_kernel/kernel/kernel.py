@@ -8,6 +8,8 @@ cluster completely; a watchdog process ends it if the kernel is killed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import sys
@@ -27,6 +29,18 @@ log = logging.getLogger("casa_kernel")
 PRELOAD_JOIN_TIMEOUT = 60.0  # s: CASA's import takes 2-5 s, more on a loaded machine
 # What IPython's history keeps of one cell's printed text (see _bound_output_history).
 HISTORY_OUTPUT_LIMIT = 64 * 1024
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim). A cell that
+    relayed megabytes of servers' output frees them, but glibc keeps the pages: the
+    kernel's RSS wandered 40-100 MiB above its level with no Python object holding
+    them (measured with tracemalloc: +80 KiB per 20 MB cell, IPython's bounded record)."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0) if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to give back
+        pass
 
 
 def _preload(tasks: Any) -> None:
@@ -132,6 +146,7 @@ class CasaKernel(IPythonKernel):
         if not outputs or count not in outputs:
             return
         room = HISTORY_OUTPUT_LIMIT  # for the whole cell: stdout and stderr entries
+        cut = False
         for output in outputs[count]:
             stream = output.bundle.get("stream") if isinstance(output.bundle, dict) else None
             if not isinstance(stream, list):
@@ -144,7 +159,10 @@ class CasaKernel(IPythonKernel):
                     f"\n[casa-kernel: {size - len(text)} more characters of this cell's "
                     "output are not kept in the kernel's history]\n",
                 ]
+                cut = True
             room = max(0, room - size)
+        if cut:
+            _give_back_freed_memory()
 
     def _check_server_memory(self) -> None:
         """A bad server memory setting is said in the first cell (the servers then
