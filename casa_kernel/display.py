@@ -60,8 +60,14 @@ class StreamPrinter:
         self._pending.clear()
 
 
+def rank_text(rank: int | None) -> str:
+    """A rank as tables show it; negative is CASA's cube client (casa/role.py)."""
+    return "cube client" if rank is not None and rank < 0 else str(rank)
+
+
 def server_label(rank: int | None, host: str | None) -> str:
-    return f"rank {rank}@{host}" if host else f"rank {rank}"
+    who = "cube client" if rank is not None and rank < 0 else f"rank {rank}"
+    return f"{who}@{host}" if host else who
 
 
 class StatusTable:
@@ -83,7 +89,7 @@ class StatusTable:
         if elapsed is not None and work != "-":
             work += f" ({_seconds(elapsed)})"
         return (
-            str(row.rank),
+            rank_text(row.rank),
             str(row.host),
             str(row.pid),
             str(row.state),
@@ -320,7 +326,7 @@ class Progress:
             columns = ["rank", "host", "state", "running", "elapsed", "done", "busy"]
             rows = [
                 [
-                    str(r.rank),
+                    rank_text(r.rank),
                     html.escape(r.host),
                     _state_html(r.state),
                     html.escape(r.work),
@@ -333,7 +339,7 @@ class Progress:
         else:  # no work to share out (a cluster start): where each server is
             columns = ["rank", "host", "state", "pid"]
             rows = [
-                [str(r.rank), html.escape(r.host), _state_html(r.state), str(r.pid or "")]
+                [rank_text(r.rank), html.escape(r.host), _state_html(r.state), str(r.pid or "")]
                 for r in self.rows
             ]
         table = html_table(columns, rows) if rows else ""
@@ -372,4 +378,5 @@ class StartProgress:
             return  # it was running already: nothing to report
         rows = [ServerRow(s.rank, s.host, "idle", pid=s.pid) for s in servers]
         wall = time.monotonic() - self.started
-        self.view.finish(rows, len(rows), wall, "ready" if ok else "failed", shares=False)
+        servers_up = sum(1 for row in rows if row.rank >= 0)  # not CASA's cube client
+        self.view.finish(rows, servers_up, wall, "ready" if ok else "failed", shares=False)

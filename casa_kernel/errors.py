@@ -140,6 +140,8 @@ class ServerFailure(CasaKernelError):
     def headline(self) -> str:
         if self.rank is None:  # lost with a server whose rank was not known
             where = "a server"
+        elif self.rank < 0:  # the extra world rank 0 (casa/role.py)
+            where = f"CASA's cube client on {self.host}"
         else:
             where = f"server rank {self.rank} on {self.host}"
         what = f"{self.part()}: " if self.submms else ""

@@ -37,6 +37,7 @@ PREFLIGHT = "CASA_KERNEL_PREFLIGHT"
 PREFLIGHT_TIMEOUT = "CASA_KERNEL_PREFLIGHT_TIMEOUT"
 LOG_DIR = "CASA_KERNEL_LOG_DIR"
 LOG_TAG = "CASA_KERNEL_LOG_TAG"
+CUBE_CLIENT = "CASA_KERNEL_CUBE_CLIENT"
 OWNER = "CASA_KERNEL_OWNER"
 
 #: The table, in the order a reader meets them: what a kernelspec sets, then
@@ -137,6 +138,12 @@ VARIABLES: tuple[Variable, ...] = (
         "kernel<pid>",
         "set by the kernel: names one kernel's log files, so notebooks running at the "
         "same time on one machine do not share them",
+    ),
+    Variable(
+        CUBE_CLIENT,
+        "",
+        "set by the kernel: 1 when world rank 0 of the servers' mpiexec is CASA's cube "
+        "client (the servers are world ranks 1..N)",
     ),
     Variable(
         OWNER,

@@ -55,8 +55,9 @@ nb_execution_mode = "off"  # casa_notebooks executed them on a real cluster alre
 nb_merge_streams = True
 
 # --- the tutorial notebooks: name in notebooks/ -> N (client + servers) to run it on.
-# ngc5921 images its cube with CASA's channel parallelism: 3 servers, as mpicasa -n 4.
-casa_notebooks = {"quickstart.ipynb": 3, "ngc5921.ipynb": 4}
+# ngc5921 images its cube with CASA's channel parallelism: 2 servers and its cube
+# client, as mpicasa -n 3.
+casa_notebooks = {"quickstart.ipynb": 3, "ngc5921.ipynb": 3}
 casa_notebooks_dir = "tutorial"
 
 # --- autodoc (reference/api)

@@ -116,7 +116,7 @@ def test_casa_parallel_options(kc, data):
 
 def test_kernel_and_cluster_still_work_after_fuzzing(kc):
     reply = execute(kc, "%casa_cluster status")
-    assert reply.status == "ok" and reply.result.count("idle") == 2, reply.result
+    assert reply.status == "ok" and reply.result.count("idle") == 3, reply.result
     reply = execute(kc, "%%casa_parallel\n(rank, size)")
     assert ast.literal_eval(reply.result) == [(0, 2), (1, 2)]
     reply = execute(kc, "%casa_cluster restart -n 10000")  # refused before launching

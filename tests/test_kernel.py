@@ -53,11 +53,14 @@ def test_status_and_kernel_info():
         assert "N=3" in lines[0] and "2 servers" in lines[0]
         # one machine: the controller is on 127.0.0.1 and not encrypted by default
         assert lines[0].endswith("; traffic not encrypted (loopback only)"), lines[0]
-        rows = [line.split() for line in lines[2:]]
+        # CASA's cube client first (a row of its own, not a server), then the servers
+        assert lines[2].startswith("cube client "), lines[2]
+        cube_host, cube_pid, cube_state = lines[2][len("cube client") :].split()[:3]
+        rows = [line.split() for line in lines[3:]]
         assert [r[0] for r in rows] == ["0", "1"]
-        assert all(r[3] == "idle" for r in rows)
-        pids = {int(r[2]) for r in rows}
-        assert len(pids) == 2
+        assert cube_state == "idle" and all(r[3] == "idle" for r in rows)
+        pids = {int(r[2]) for r in rows} | {int(cube_pid)}
+        assert len(pids) == 3
 
 
 def test_server_exception_names_rank_and_host():

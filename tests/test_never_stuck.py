@@ -186,7 +186,7 @@ def test_server_dying_between_cells_is_replaced_before_the_next(kc):
     _no_ipyparallel_words(again.stderr, status.result)
     assert not set(before) & set(_pids(kc))
     status = execute(kc, "%casa_cluster status")
-    assert "(running)" in status.result and status.result.count("idle") == 2
+    assert "(running)" in status.result and status.result.count("idle") == 3
 
 
 def test_stopped_server_between_cells_is_dropped_and_replaced(kc):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -36,9 +37,10 @@ def mms(tmp_path_factory, casa_env):
 
 
 @pytest.fixture(scope="module")
-def kc():
-    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3")) as (km, kc):
-        kc.km = km
+def kc(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reliability-cwd")
+    with running_kernel(kernel_env(CASA_KERNEL_NPROCS="3"), cwd=str(workdir)) as (km, kc):
+        kc.km, kc.workdir = km, workdir
         yield kc
 
 
@@ -64,6 +66,25 @@ def test_killed_server_costs_no_result(kc, mms):
     assert victim not in _servers(kc).values()  # new servers took over
 
 
+def test_a_crashed_server_is_named_with_where_it_crashed(kc):
+    """A segfault (CASA's C++ on a bad input, here ctypes) ends a server: the
+    cell's error says which, the signal, and the Python frame it crashed in
+    (faulthandler on the servers), and new servers run the next cell."""
+    cell = (
+        "%%casa_parallel\nimport ctypes, os\n"
+        "if rank == 1 and not os.path.exists('crashed-once'):\n"
+        "    open('crashed-once', 'w').close()\n    ctypes.string_at(0)\nrank"
+    )
+    reply = execute(kc, cell, timeout=120)
+    assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+    assert re.search(
+        r"server rank 1 on \S+ died of signal 11 \(Segmentation fault\), in string_at "
+        r"\(\S+ctypes/__init__\.py:\d+\)",
+        reply.stderr,
+    ), reply.stderr
+    assert "re-ran" in reply.stderr
+
+
 def test_interrupt_stops_every_server_quickly(kc):
     started = time.monotonic()
     threading.Timer(1.5, kc.km.interrupt_kernel).start()
@@ -72,7 +93,7 @@ def test_interrupt_stops_every_server_quickly(kc):
     assert reply.status == "error" and reply.ename == "KeyboardInterrupt"
     assert elapsed < 1.5 + 5
     status = execute(kc, "%casa_cluster status")
-    assert status.result.count("idle") == 2, status.result
+    assert status.result.count("idle") == 3, status.result
     again = execute(kc, "%%casa_parallel\nrank")
     assert again.status == "ok" and again.result == "[0, 1]"
 

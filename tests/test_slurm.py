@@ -71,8 +71,13 @@ def explained(got: dict[str, Any]) -> Iterator[None]:
 
 
 def status_rows(text: str) -> tuple[str, list[list[str]]]:
+    """Title and rows of ``%casa_cluster status``; CASA's cube client's row (when
+    there is one: not for servers from the queue) as ``["cube client", host, ...]``."""
     lines = text.strip("'\"").splitlines()
-    return lines[0], [line.split() for line in lines[2:]]
+    rows = [line.split() for line in lines[2:]]
+    return lines[0], [
+        ["cube client", *row[2:]] if row[:2] == ["cube", "client"] else row for row in rows
+    ]
 
 
 @pytest.mark.timeout(150)
@@ -146,6 +151,9 @@ def test_kernel_in_a_job_fills_its_allocation(
     status = got["status"]
     assert status["status"] == "ok", status["traceback"] or status["error"]
     got_title, rows = status_rows(status["result"])
+    # CASA's cube client holds the client's slot on the job's first node
+    assert rows[0][:2] == ["cube client", client], rows
+    rows = rows[1:]
     # (the mpiexec and mpi4py's MPI, named in the title, are tests/test_mpi_choice.py's)
     got_title = re.sub(r"mpiexec \S+ \([^)]*\); mpi4py's MPI: [^;]*; ", "", got_title)
     assert got_title == "CASA cluster (running): " + title.format(job=job_id)

@@ -167,15 +167,16 @@ def test_mpicasa_script_runs_unchanged_in_parallel_equal_to_serial(
 
 # -- a server that cannot import CASA ---------------------------------------------
 
-# On the servers' rank 1 only (OMPI_COMM_WORLD_RANK), `import casatasks` raises or
-# never returns: a broken installation on one node. Loaded by every Python
-# process of the kernel through PYTHONPATH; inert in the kernel (not an MPI rank).
+# On server rank 1 only (world rank 2: world rank 0 is CASA's cube client),
+# `import casatasks` raises or never returns: a broken installation on one node.
+# Loaded by every Python process of the kernel through PYTHONPATH; inert in the
+# kernel (not an MPI rank).
 SITECUSTOMIZE = """\
 import importlib.abc, importlib.machinery, os, sys, time
 
 class _BrokenCasa(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
-        if name != "casatasks" or os.environ.get("OMPI_COMM_WORLD_RANK") != "1":
+        if name != "casatasks" or os.environ.get("OMPI_COMM_WORLD_RANK") != "2":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         spec.loader = self  # found where it is installed; its import breaks

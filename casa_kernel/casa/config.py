@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from importlib import resources
 
 from casa_kernel import variables
+from casa_kernel.casa.role import role_name
 from casa_kernel.errors import SettingError
 
 SITECONFIG_VAR = "CASASITECONFIG"
@@ -123,13 +124,14 @@ def logfile_path(
     """The log file the packaged site config chooses for a process.
 
     ``rank=None`` is the kernel (``casa-<host>-client.log``), otherwise the server of
-    that MPI rank (``casa-<host>-rank<R>.log``); a kernel's ``tag`` (``kernel<pid>``,
-    from ``variables.LOG_TAG``) goes before the role: ``casa-<host>-<tag>-rank<R>.log``.
+    that rank (``casa-<host>-rank<R>.log``) or the cube client (``-cubeclient``); a
+    kernel's ``tag`` (``kernel<pid>``, from ``variables.LOG_TAG``) goes before the
+    role: ``casa-<host>-<tag>-rank<R>.log``.
     ``host`` defaults to this machine; the short name is used, as in the site
     config.  On a running process ``casatasks.casalog.logfile()`` is the authority.
     """
     host = (host or socket.gethostname()).split(".")[0] or "localhost"
-    role = "client" if rank is None else f"rank{int(rank)}"
+    role = role_name(rank)  # "client", "rank<R>", or "cubeclient" (casa/role.py)
     if tag:
         role = f"{tag}-{role}"
     return os.path.join(log_dir, f"casa-{host}-{role}.log")

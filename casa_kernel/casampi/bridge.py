@@ -14,11 +14,12 @@ unchanged, and the servers run the pieces:
 - Cubes (casampi/cube.py in the kernel, server/cube.py on the servers; tclean
   with every specmode but ``mfs``; deconvolve and sdintimaging where CASA
   parallelises them): CASA's C++ channel parallelism needs its client inside the
-  servers' MPI world, which the kernel is not. So the call runs on server rank 0
-  as that client (casampi stand-in patched into the task's module there) while
-  the other servers serve it from ``synthesisimager().initmpi()``; the images
-  are CASA's own, equal to serial. Below ``MIN_CUBE_SERVERS`` (one worker only)
-  cubes run serially in the kernel.
+  servers' MPI world, which the kernel is not. So the call runs on CASA's cube
+  client, world rank 0 of the servers' mpiexec (casa/role.py; server rank 0 when
+  there is none), as that client (casampi stand-in patched into the task's module
+  there) while the servers serve it from ``synthesisimager().initmpi()``; the images
+  are CASA's own, equal to serial. Below ``MIN_CUBE_WORKERS`` cubes run serially
+  in the kernel.
 
 Why not a real ``casampi``: with it installed, ``import casatasks`` under
 mpiexec turns every rank > 0 into a casampi server and never returns. Where

@@ -2,9 +2,11 @@
 
 tclean's cubes (and deconvolve, sdintimaging where CASA parallelises them)
 need their C++ client inside the servers' MPI world, which the kernel is not.
-So the call runs on server rank 0 as that client (casampi stand-in patched
-into the task's module there, through casa/private.py's cpp_client_module) while
-the other servers serve it from ``synthesisimager().initmpi()``. Kernel side
+So the call runs on CASA's cube client, the extra world rank 0 the kernel starts
+with its servers (casa/role.py; server rank 0 when there is none), as that
+client (casampi stand-in patched into the task's module there, through
+casa/private.py's cpp_client_module) while the servers serve it from
+``synthesisimager().initmpi()``. Kernel side
 (here): run_cpp_parallel; server side (casa_kernel/server/cube.py): cpp_client,
 cpp_server, limit_threads.
 """
@@ -20,6 +22,7 @@ from casa_kernel.casa.config import logfile_path
 from casa_kernel.casa.logs import LogTail
 from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import CPP_PARALLEL_TASKS
+from casa_kernel.casa.role import CUBE_CLIENT_RANK
 from casa_kernel.casa.tasks import record_failure
 from casa_kernel.casampi.bridge import _cluster
 from casa_kernel.client import progress
@@ -75,51 +78,59 @@ def labels(ranks: Any) -> str:
     return ", ".join(display.server_label(r, by_rank.get(r)) for r in ranks)
 
 
-def _servers_per_host() -> dict[int, int]:
-    """rank -> how many servers share its host."""
-    servers = list(_cluster().servers.values())
-    hosts = [info.host for info in servers]
-    return {info.rank: hosts.count(info.host) for info in servers}
+def _per_host(ranks: list[int]) -> dict[int, int]:
+    """rank -> how many of ``ranks`` share its host."""
+    infos = [info for info in _cluster().servers.values() if info.rank in ranks]
+    hosts = [info.host for info in infos]
+    return {info.rank: hosts.count(info.host) for info in infos}
 
 
-def share_cores() -> None:
-    """Give each server its share of its host's cores for CASA's OpenMP.
+def share_cores(cube_client: bool = False) -> None:
+    """Give each server (and CASA's cube client, for a cube) its share of its
+    host's cores for CASA's OpenMP.
 
     CASA's gridders and deconvolvers start one OpenMP thread per core; with
     several servers on a host each would, and busy-waiting threads of one
     server then slow the others (on a 2-core box: 2 servers x 2 threads made a
-    cube 4x slower than with 1 thread each).
+    cube 4x slower than with 1 thread each). The cube client works only in a
+    cube (and imports CASA at its first): left alone otherwise.
     """
-    shared = _servers_per_host()
-    jobs = [Job(f"rank {r}", limit_threads, (n,), target=r) for r, n in shared.items()]
+    ranks = list(range(_cluster().config.nservers))
+    ranks += [CUBE_CLIENT_RANK] if cube_client and _cluster().config.cube_client else []
+    shared = _per_host(ranks)
+    jobs = [
+        Job(display.server_label(r, None), limit_threads, (n,), target=r) for r, n in shared.items()
+    ]
     failures = [o.failure for o in Dispatcher(_cluster()).execute(jobs) if o.failure]
     if failures:
         raise RemoteError(failures)
 
 
 def run_cpp_parallel(name: str, params: dict[str, Any]) -> Any:
-    """Run task ``name`` on server rank 0 as CASA's C++ parallel client, the
-    other servers serving it; return its value. Servers work in our folder."""
+    """Run task ``name`` on CASA's cube client (world rank 0: casa/role.py; server
+    rank 0 when the cluster has none) as CASA's C++ parallel client, the servers
+    serving it; return its value. They work in our folder."""
     cluster = _cluster()
     cwd = os.getcwd()
     nservers = cluster.config.nservers
-    share_cores()
-    say(
-        f"{name}: CASA's cube client on {labels([0])}, channels gridded by "
-        f"{labels(range(1, nservers))}"
-    )
+    head = CUBE_CLIENT_RANK if cluster.config.cube_client else 0
+    ranks = range(head + 1, nservers)  # the workers: every server, or all but rank 0
+    share_cores(cube_client=True)
+    client_at = labels([head]).replace("cube client@", "world rank 0 on ")
+    say(f"{name}: CASA's cube client ({client_at}), channels gridded by {labels(ranks)}")
     # A server that dies ends the MPI world and the dispatcher re-runs both jobs on
     # new servers: the client then first removes what the lost attempt wrote, so
     # the re-run is not taken for a restart.
     imagename = params.get("imagename")
     keep = sorted(image_products(imagename)) if isinstance(imagename, str) and imagename else []
-    client = Job(f"{name} (C++ parallel client)", cpp_client, (name, params, cwd, keep), target=0)
+    client = Job(
+        f"{name} (C++ parallel client)", cpp_client, (name, params, cwd, keep), target=head
+    )
     worker_args = (cwd,)
     workers = [
-        Job(f"{name} (C++ parallel server)", cpp_server, worker_args, target=r)
-        for r in range(1, nservers)
+        Job(f"{name} (C++ parallel server)", cpp_server, worker_args, target=r) for r in ranks
     ]
-    steps = WorkerSteps(range(nservers))
+    steps = WorkerSteps([head, *ranks])
     title = f"{name} cube" + (f" {imagename!r}" if imagename else "")
     with progress.operation(title, live=steps) as op:
         outcomes = Dispatcher(cluster).execute([client, *workers])

@@ -4,7 +4,7 @@ notebook's imaging tasks (tclean, deconvolve, sdintimaging).
 A parallel continuum call grids on every server (string commands through
 MPICommandClient, minor cycle in the kernel); a cube goes to CASA's C++
 parallelism on the servers (casampi/cube.py, server/cube.py), or runs serially in the kernel
-below MIN_CUBE_SERVERS; any other call runs serially on server rank 0, so that
+below MIN_CUBE_WORKERS; any other call runs serially on server rank 0, so that
 the kernel writes no image (a full disk aborts the process that writes one).
 casatasks' private names are in casa/private.py, the fence.
 """
@@ -50,8 +50,10 @@ from casa_kernel.errors import ClusterError
 # CASA's C++ cube parallelism with ONE worker (2 servers: client + 1) was slower
 # than serial and gave an edge channel serial leaves blank (sumwt 132 vs 0,
 # bench/imaging.py); with 2 workers it was bit-equal, like mpicasa's. Below
-# this many servers, cubes run serially in the kernel.
-MIN_CUBE_SERVERS = 3
+# this many workers, cubes run serially in the kernel. Every server is a worker
+# when the cluster has CASA's cube client (casa/role.py: 2 servers or more),
+# else server rank 0 is the client (servers from the batch queue).
+MIN_CUBE_WORKERS = 2
 # Server pids that ran a parallel continuum call with niter > 0. Measured (bench
 # MS, 3 servers): a later cube on them puts data in an LSRK edge channel that
 # serial leaves blank (sumwt 132 vs 0); fresh servers, and mpicasa (whose cube
@@ -59,8 +61,12 @@ MIN_CUBE_SERVERS = 3
 # or still 0 as stated): the MS (fresh servers after it: 0), casacore's table
 # cache (empty on every server), the servers' `toolsi` (deleted: 132), a serial
 # mfs niter=50 tclean on rank 0 or on every server (0), LSRK conversions through `me` at other
-# epochs on every server (0), a continuum call with niter=0 (0). Cause not
-# found; a cube on such servers gets fresh ones first (_fresh_servers_for_cube).
+# epochs on every server (0), a continuum call with niter=0 (0). It is the cube
+# CLIENT having gridded: with CASA's cube client as a rank of its own (never
+# gridding, as mpicasa's) the same sequence gives sumwt 0, all 24 channels equal
+# to serial (bench MS, 2 servers). So only where server rank 0 is the client (no
+# cube client: servers from the batch queue) does a cube on such servers get
+# fresh ones first (_fresh_servers_for_cube).
 _gridded_continuum: frozenset[int] = frozenset()
 
 
@@ -217,16 +223,18 @@ def route_imaging(name: str) -> Any:
                 params["parallel"] = False
             return task(**params)
         if goes_cpp_parallel(name, params):
-            nservers = _cluster().config.nservers
-            if nservers >= MIN_CUBE_SERVERS:
-                if server_pids() & _gridded_continuum:
+            config = _cluster().config
+            workers = config.nservers - (0 if config.cube_client else 1)
+            if workers >= MIN_CUBE_WORKERS:
+                if not config.cube_client and server_pids() & _gridded_continuum:
                     _fresh_servers_for_cube(name)
                 return run_cpp_parallel(name, params)
             # Not on a server: there casacore's cube imager sees an MPI world
             # and waits in makepsf for ranks that never join (measured: a hang).
             say(
                 f"{name}: runs serially in the kernel: CASA's C++ cube parallelism needs "
-                f"{MIN_CUBE_SERVERS} servers (a client and 2 workers), there are {nservers}"
+                f"{MIN_CUBE_WORKERS} workers, there are {max(workers, 0)} "
+                f"({config.nservers} servers)"
             )
             with _serially():
                 return task(**params)

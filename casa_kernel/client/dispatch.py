@@ -116,7 +116,7 @@ class Dispatcher:
 
         A dead server costs no result: OpenMPI ends the whole MPI world when one
         rank dies, so every job running then dies with it. The engine set is
-        replaced (queued load-balanced jobs then flow to the new servers) and
+        replaced (queued load-balanced jobs are sent to the new servers) and
         exactly the jobs that died are run again; nothing that had finished is.
         """
         handles = list(submitted)
@@ -133,6 +133,12 @@ class Dispatcher:
         try:
             while True:
                 self._wait(handles, timeout, deadline, tracker)
+                unplaced = [i for i, h in enumerate(handles) if h.kind() == "unplaced"]
+                if unplaced:  # queued for servers replaced since: to the new ones, quietly
+                    resent = self.submit([jobs[i] for i in unplaced], deadline)
+                    for i, handle in zip(unplaced, resent):
+                        handles[i] = handle
+                    continue
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
                 lost = [
                     i
@@ -226,7 +232,9 @@ class Dispatcher:
                 handles[i] = Handle(client[eid].apply_async(job.func, *job.args), engine=eid)
         balanced = [i for i, job in enumerate(jobs) if job.target is None]
         if balanced:
-            lview = client.load_balanced_view()
+            # the servers only: not CASA's cube client (rank -1, casa/role.py)
+            servers = [eid for eid, info in self.cluster.servers.items() if info.rank >= 0]
+            lview = client.load_balanced_view(targets=sorted(servers))
             for i in balanced:
                 handles[i] = Handle(lview.apply_async(jobs[i].func, *jobs[i].args))
         return [h for h in handles if h is not None]
@@ -275,10 +283,10 @@ class Dispatcher:
 
     def _world_lost(self, handles: list[Handle]) -> bool:
         """A server died: a job failed that way, or servers left the controller."""
-        if any(h.kind() == "died" for h in handles):
+        if any(h.kind() in ("died", "unplaced") for h in handles):
             return True
         client = self.cluster.client
-        return client is not None and len(client.ids) < self.cluster.config.nservers
+        return client is not None and len(client.ids) < self.cluster.config.nranks
 
 
 _said_outside_python = False  # the note on servers' C output: once per session

@@ -100,7 +100,7 @@ class Handle:
 
 
 def classify(exc: BaseException) -> str:
-    """How a job ended, by the remote exception's type: died | aborted | failed.
+    """How a job ended, by the remote exception's type: died | aborted | unplaced | failed.
 
     ipyparallel reports a server that died under a running task as an
     ``EngineError`` (wrapped in a RemoteError carrying its type name).
@@ -108,6 +108,10 @@ def classify(exc: BaseException) -> str:
     ename = getattr(exc, "ename", None) or type(exc).__name__
     if ename == "EngineError":
         return "died"
+    if ename == "ImpossibleDependency":
+        # load-balanced to servers that were replaced before one took it (the
+        # view names its servers, to keep CASA's cube client out): send it again
+        return "unplaced"
     if ename == "TaskAborted":
         return "aborted"
     return "failed"

@@ -197,6 +197,8 @@ class Tracker:
         alive = set(self.cluster.client.ids) if self.cluster.client is not None else set()
         rows = []
         for eid, info in sorted(self.cluster.servers.items(), key=lambda item: item[1].rank):
+            if info.rank < 0 and eid not in running and not self._jobs.get(eid):
+                continue  # CASA's cube client: a row only where it works (a cube)
             row = ServerRow(info.rank, info.host, pid=info.pid)
             row.busy = self._busy.get(eid, 0.0)
             row.jobs = self._jobs.get(eid, 0)

@@ -34,7 +34,7 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     else:
         hostfile = os.path.join(workdir, "servers.hostfile")
         with open(hostfile, "w") as f:
-            f.write(placement.server_hostfile_text())
+            f.write(placement.server_hostfile_text(config.cube_client))
     as_root = running_as_root()
     if as_root and not _said["root"]:
         _said["root"] = True
@@ -46,7 +46,7 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     ipp_log = _file_logger(cluster, os.path.join(log_dir, f"casa-kernel-{os.getpid()}-cluster.log"))
     ipp_cluster = ipp.Cluster(
         engine_launcher_class=launcher_class,
-        n=config.nservers,
+        n=config.nranks,
         profile_dir=os.path.join(workdir, "profile"),
         cluster_id=f"casa-kernel-{os.getpid()}",
         controller_ip="127.0.0.1" if placement.is_local else "*",
@@ -69,7 +69,9 @@ def make_ipp_cluster(cluster: CasaCluster, workdir: str, env: dict[str, str]) ->
     launcher = ipp_cluster.config[launcher_class.__name__]
     launcher.mpi_cmd = [config.mpiexec]
     launcher.extra_mpi_args = list(config.extra_mpi_args)
-    launcher.environment = env
+    # world rank 0 is CASA's cube client, or there is none (casa/role.py); said
+    # either way, so a value inherited from the kernel's own environment is not taken
+    launcher.environment = {**env, variables.CUBE_CLIENT: "1" if config.cube_client else "0"}
     launcher.engine_args = list(ENGINE_ARGS)
     if keyfile.wanted(config.encrypted, placement.is_local, config.batch is not None):
         # The HMAC key must not travel in IPP_CONNECTION_INFO (see keyfile.py).

@@ -17,6 +17,7 @@ from typing import Any
 from ipyparallel.cluster.launcher import MPIEngineSetLauncher
 from traitlets import Bool, List, Unicode
 
+from casa_kernel.casa.role import CUBE_CLIENT_RANK, world_to_server
 from casa_kernel.config.mpiexec import LaunchSpec, mpiexec_command, running_as_root
 
 # The controller's default 3 s heartbeat makes engine registration take ~6 s;
@@ -131,6 +132,15 @@ _TERMINATED = re.compile(
 )
 
 
+# A server's Python stacks at a crash (faulthandler, server/engine.py): the
+# crashing thread's innermost frame says where, e.g. "Current thread 0x7f...
+# (most recent call first):\n  File ".../x.py", line 519 in string_at"
+_FAULT = re.compile(
+    r"Fatal Python error: (?P<what>[^\n]+)\n(?:.*\n)*?Current thread [^\n]*\n"
+    r"\s*File \"(?P<file>[^\"]+)\", line (?P<line>\d+) in (?P<func>\S+)"
+)
+
+
 # ipyparallel's own log lines in the servers' output ("2026-12-06 23:27:14.493
 # [IPEngine.1] ...", "[KernelNanny.0]"), and CASA's console echo of its log
 # ("<date>\tWARN\t<origin>\t<text>", relayed from the log file instead).
@@ -149,32 +159,45 @@ def outside_python(output: str) -> str:
     return "\n".join(kept)
 
 
-def death_cause(output: str, hosts: Mapping[int, str] | None = None) -> str:
+def death_cause(
+    output: str, hosts: Mapping[int, str] | None = None, cube_client: bool = False
+) -> str:
     """'server rank 1 on vm died of signal 9 (Killed)' from mpiexec's words.
 
-    ``hosts`` (rank -> host) names the host when mpiexec does not.
+    ``hosts`` (server rank -> host) names the host when mpiexec does not; with a
+    ``cube_client`` mpiexec's world rank 0 is it and world rank R is server R-1.
     """
     hosts = hosts or {}
     match = _SIGNALLED.search(output)
     if match:
         name = f" ({match['name']})" if match["name"] else ""
-        return (
-            f"server rank {match['rank']} on {match['host']} died of signal {match['signal']}{name}"
-            + last_words(output)
+        who = _who(int(match["rank"]), cube_client)
+        return f"{who} on {match['host']} died of signal {match['signal']}{name}" + last_words(
+            output
         )
     match = _EXITED.search(output)
     if match:
-        rank = int(match["rank"])
+        rank = world_to_server(int(match["rank"]), cube_client)
         host = hosts.get(rank)
         where = f" on {host}" if host else ""
-        return f"server rank {rank}{where} exited with code {match['code']}"
+        return f"{_who(int(match['rank']), cube_client)}{where} exited with code {match['code']}"
     return "a server died (mpiexec ended the MPI job)" + last_words(output)
+
+
+def _who(world: int, cube_client: bool) -> str:
+    rank = world_to_server(world, cube_client)
+    return "CASA's cube client" if rank == CUBE_CLIENT_RANK else f"server rank {rank}"
 
 
 def last_words(output: str) -> str:
     """': casacore::AipsError: <what>' when a C++ exception ended a server (the
-    last one in mpiexec's output), else ''. SIGABRT alone says nothing of a full disk."""
+    last one in mpiexec's output), ', in f (file:line)' from a crashed server's
+    Python stack (its innermost frame), else ''. SIGABRT alone says nothing of a full disk."""
     found = list(_TERMINATED.finditer(output))
-    if not found:
-        return ""
-    return f": {found[-1]['type']}: {found[-1]['what'].strip()}"
+    if found:
+        return f": {found[-1]['type']}: {found[-1]['what'].strip()}"
+    faults = list(_FAULT.finditer(output[-OUTPUT_TAIL:]))
+    if faults:
+        fault = faults[-1]
+        return f", in {fault['func']} ({fault['file']}:{fault['line']})"
+    return ""

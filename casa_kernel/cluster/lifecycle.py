@@ -293,8 +293,13 @@ class CasaCluster:
     async def _failed_start(self, exc: BaseException) -> None:
         self.error = exc
         self._set_state(State.FAILED, f"failed: {exc}")
+        # Nothing half-started may linger, and nothing of it needs a gentle stop:
+        # signals first (ipyparallel's stop of an mpiexec whose engines were still
+        # importing took over 10 s at load 10), then the bookkeeping.
+        pids = self.janitor.pids() | {p.pid for p in self._watch_processes()}
         self._halt_watch()
-        await self.stop_async()  # nothing half-started may linger
+        await asyncio.get_running_loop().run_in_executor(None, reap, pids, 1.0)
+        await self.stop_async()
         self.janitor.clean()
 
     async def _start(self) -> None:

@@ -76,8 +76,10 @@ class EngineSet:
     async def start(self) -> Any:
         """Launch the servers, wait until all registered, set them up; the client."""
         c = self.cluster
-        ipp, n = c._ipp, c.config.nservers
-        c.note = f"controller up; mpiexec starting {n} servers"
+        ipp, n = c._ipp, c.config.nranks  # the servers, and CASA's cube client if any
+        c.note = f"controller up; mpiexec starting {c.config.nservers} servers" + (
+            " and CASA's cube client" if c.config.cube_client else ""
+        )
         self._stopped = threading.Event()
         self._ours, self.lost = False, ""
         if self.url_file is not None:  # the key by file, not through mpiexec or the queue
@@ -116,8 +118,9 @@ class EngineSet:
 
             if isinstance(exc, ipyparallel.error.EngineError):
                 what = job.ended_message() if job is not None else "mpiexec exited"
+                what_of = "processes" if c.config.cube_client else "servers"
                 raise ClusterError(
-                    f"{what} before all {n} servers registered "
+                    f"{what} before all {n} {what_of} registered "
                     f"({len(client.ids)} did)\nmpiexec said:\n{self.output()}"
                 ) from None
             raise
@@ -235,7 +238,7 @@ class EngineSet:
     def cause(self) -> str:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
         output = self.output()
-        text = death_cause(output, hosts)
+        text = death_cause(output, hosts, self.cluster.config.cube_client)
         if self.cluster.config.placement.is_local:
             text = out_of_memory(text, list(self.cluster.servers.values())) or text
         code = (self._stop_data or {}).get("exit_code")
@@ -346,9 +349,11 @@ def missing(cluster: CasaCluster) -> str:
     )
     if not gone:
         return ""
-    ranks = ", ".join(str(rank) for rank, _ in gone)
     hosts = ", ".join(sorted({host for _, host in gone}))
-    return f"server rank {ranks} on {hosts}"
+    named = ["CASA's cube client" for rank, _ in gone if rank < 0]
+    ranks = ", ".join(str(rank) for rank, _ in gone if rank >= 0)
+    named += [f"server rank {ranks}"] if ranks else []
+    return f"{' and '.join(named)} on {hosts}"
 
 
 def layout_source(cluster: CasaCluster) -> str | None:

@@ -240,10 +240,12 @@ class Placement:
             counts[host] = counts.get(host, 0) + 1
         return list(counts.items())
 
-    def server_hostfile_text(self) -> str:
-        """The hostfile for the servers' mpiexec, run with ``-n len(servers)``.
+    def server_hostfile_text(self, cube_client: bool = False) -> str:
+        """The hostfile for the servers' mpiexec, run with ``-n len(servers)``
+        (``+ 1`` with the ``cube_client``, world rank 0: it takes the client's slot
+        on the client's host, where the kernel waits while a cube runs).
 
-        Exactly the server slots, so mpiexec neither oversubscribes nor leaves a
+        Exactly those slots, so mpiexec neither oversubscribes nor leaves a
         gap that would shift ranks onto another host.
         """
         source = self.hostfile if self.hostfile is not None else f"a process count of {self.nprocs}"
@@ -254,7 +256,17 @@ class Placement:
             f"# The client (this kernel) holds one slot on {self.client_host}; "
             f"these are the slots of its {len(self.servers)} servers, in rank order.",
         ]
-        lines += [f"{host} slots={count}" for host, count in self.server_slots()]
+        slots = self.server_slots()
+        if cube_client:
+            lines[1] = (
+                f"# The client's slot on {self.client_host} is CASA's cube client's "
+                f"(world rank 0); then the slots of the {len(self.servers)} servers."
+            )
+            if slots and slots[0][0] == self.client_host:
+                slots[0] = (self.client_host, slots[0][1] + 1)
+            else:
+                slots.insert(0, (self.client_host, 1))
+        lines += [f"{host} slots={count}" for host, count in slots]
         return "\n".join(lines) + "\n"
 
     @property

@@ -26,6 +26,7 @@ FORWARDED_ENV = (
     variables.LOG_DIR,
     variables.LOG_TAG,
     variables.SERVER_MEMORY,
+    variables.CUBE_CLIENT,
     # set by ipyparallel only when not encrypted across hosts: then the HMAC key
     # it holds goes in a shared file instead (casa_kernel/cluster/keyfile.py)
     "IPP_CONNECTION_INFO",

@@ -81,6 +81,19 @@ class ClusterConfig:
         return len(self.placement.servers)
 
     @property
+    def cube_client(self) -> bool:
+        """Does the servers' mpiexec start CASA's cube client as world rank 0
+        (casa/role.py)? With 2 servers or more, when the kernel runs mpiexec: 2
+        servers then give a cube 2 workers, as under ``mpicasa -n 3``. Not for
+        servers from the batch queue (their job asks for one task per server)."""
+        return self.batch is None and self.nservers >= 2
+
+    @property
+    def nranks(self) -> int:
+        """The processes of the servers' mpiexec: the servers and the cube client."""
+        return self.nservers + (1 if self.cube_client else 0)
+
+    @property
     def hostfile(self) -> str | None:
         """The user's hostfile (None when the layout came from a batch allocation)."""
         return None if self.layout_source is not None else self.placement.hostfile

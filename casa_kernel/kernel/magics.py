@@ -214,7 +214,8 @@ class CasaMagics(Magics):
         help="a Multi-MS: run the cell once per sub-MS, with `vis` bound to that "
         "sub-MS's path, load-balanced over the servers; results are merged as CASA's "
         "parallel helper merges them. Without --vis the cell runs once on every server "
-        "with `rank`, `size` and `comm` (mpi4py COMM_WORLD) bound, and its value is the "
+        "with `rank`, `size` and `comm` (mpi4py: the servers' communicator) bound, and "
+        "its value is the "
         "list of each server's last expression, in rank order",
     )
     @argument(

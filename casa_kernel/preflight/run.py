@@ -177,7 +177,14 @@ def needed(config: ClusterConfig, environ: Mapping[str, str] | None = None) -> b
     environ = os.environ if environ is None else environ
     if config.batch is not None or not env_flag(environ, variables.PREFLIGHT, default=True):
         return False
-    return bool(remote_hosts(config.placement.servers))
+    return bool(remote_hosts(_mpi_hosts(config)))
+
+
+def _mpi_hosts(config: ClusterConfig) -> list[str]:
+    """The hosts mpiexec starts processes on: the servers', and the client's when
+    CASA's cube client takes its slot there (casa/role.py)."""
+    servers = list(config.placement.servers)
+    return [config.placement.client_host, *servers] if config.cube_client else servers
 
 
 def time_limit(environ: Mapping[str, str]) -> float:
@@ -227,7 +234,7 @@ def check(
             note="servers from the batch queue: hosts not known yet (checked inside "
             "the job, on each of its nodes, before its mpiexec)",
         )
-    hosts = remote_hosts(config.placement.servers)
+    hosts = remote_hosts(_mpi_hosts(config))
     if not hosts:
         return Report(client, [], [], note="every server runs on this machine: nothing to check")
     manager = None

@@ -77,6 +77,9 @@ def _casa_kernel_logfile():
             rank = os.environ[name]
             break
     role = "client" if rank is None else "rank" + rank
+    if rank is not None and os.environ.get("CASA_KERNEL_CUBE_CLIENT") == "1":
+        # world rank 0 is CASA's cube client, the servers are 1..N (server/role.py)
+        role = "cubeclient" if rank == "0" else "rank" + str(int(rank) - 1)
     # One kernel's files (CASA_KERNEL_LOG_TAG, "kernel<pid>"): notebooks running
     # at the same time must not read each other's servers' errors.
     tag = "".join(c for c in os.environ.get("CASA_KERNEL_LOG_TAG", "") if c.isalnum())

@@ -1,7 +1,8 @@
 """Imaging on the servers: CASA's C++ cube parallelism, and serial imaging.
 
 The kernel (casa_kernel/casampi/cube.py) sends a cube call as one job per
-server: :func:`cpp_client` on rank 0 runs the task as CASA's C++ MPI client
+process: :func:`cpp_client` on world rank 0 (CASA's cube client, casa/role.py, or
+server rank 0 when there is none) runs the task as CASA's C++ MPI client
 (casampi stand-in patched into the task's module, casa/private.py's
 ``cpp_client_module``), :func:`cpp_server` on the others serves it from
 ``synthesisimager().initmpi()``; :func:`limit_threads` shares a host's cores
@@ -73,7 +74,7 @@ def cpp_server(cwd: str) -> None:
 
 
 def cpp_client(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
-    """Run task ``name`` on this server (rank 0) as CASA's C++ MPI client.
+    """Run task ``name`` here (world rank 0) as CASA's C++ MPI client.
 
     Image products other than ``keep`` (those that existed before the call) are
     left-overs of an attempt lost with its servers: removed first.

@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 from casa_kernel import variables
+from casa_kernel.casa.role import CUBE_CLIENT_RANK, has_cube_client
 from casa_kernel.server import memory as memory_share
 
 _state: dict[str, Any] = {}
@@ -51,6 +52,7 @@ def setup_server(
     """
     from casa_kernel.casa import loading
 
+    _dump_python_stacks_on_a_crash()
     # Before anything can import casatasks here: with casampi installed beside
     # it, casatasks' import would make this rank a casampi server for good.
     loading.keep_casampi_out()
@@ -58,10 +60,10 @@ def setup_server(
         loading.limit = casa_timeout
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm, rank = _servers_comm(MPI)
     host = MPI.Get_processor_name()
     ns = _user_ns()
-    ns.update(MPI=MPI, comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+    ns.update(MPI=MPI, comm=comm, rank=rank, size=comm.Get_size() if comm is not None else 0)
     from casa_kernel.casa.tasks import inject_tasks
 
     inject_tasks(ns)  # CASA's tasks, as in the kernel (imported on first use)
@@ -73,11 +75,12 @@ def setup_server(
         # This server's CASA log (named by the site config: host, kernel, rank),
         # read from its current end: what CASA logs from now on is relayed.
         tag = os.environ.get(variables.LOG_TAG)
-        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=comm.Get_rank(), tag=tag))
-    _state.update(rank=comm.Get_rank(), host=host)
+        _state["log_tail"] = LogTail(logfile_path(log_dir, rank=rank, tag=tag))
+    _state.update(rank=rank, host=host)
     if "memory_share" not in _state:
-        _state["memory_share"] = _take_memory_share(comm.Get_rank())
-    if preload_casa and "preload" not in _state:
+        _state["memory_share"] = _take_memory_share(rank)
+    # (the cube client imports CASA at its first cube: it stays light until then)
+    if preload_casa and "preload" not in _state and rank != CUBE_CLIENT_RANK:
         # MPI is initialised by now (the engine's --mpi), so casatools finds the
         # wheel's libmpi.so.40 loaded and uses it rather than its own (5.0.1);
         # casa_kernel.casa.loading imports numpy first (a deadlock otherwise).
@@ -87,7 +90,37 @@ def setup_server(
         _state["preload"].start()
     cgroup = memory_share.cgroup_dir()
     oom = memory_share.oom_kills(cgroup) if cgroup else None
-    return comm.Get_rank(), host, os.getpid(), _state["memory_share"], cgroup, oom
+    return rank, host, os.getpid(), _state["memory_share"], cgroup, oom
+
+
+def _dump_python_stacks_on_a_crash() -> None:
+    """A server that segfaults (CASA's C++) writes its threads' Python stacks to
+    fd 2, mpiexec's output: the death cause then says where (cluster/launcher.py's
+    last_words), not only "signal 11"."""
+    import faulthandler
+
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:
+        try:
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)
+        except (OSError, ValueError, RuntimeError):  # no usable fd 2: nothing to say
+            pass
+
+
+def _servers_comm(MPI: Any) -> tuple[Any, int]:
+    """(the servers' communicator, this server's rank in it): COMM_WORLD, or with a
+    cube client at world rank 0 (casa/role.py) the world without it, so cells'
+    collectives involve the servers only. The cube client: (None, CUBE_CLIENT_RANK)."""
+    world = MPI.COMM_WORLD
+    if not has_cube_client():
+        return world, world.Get_rank()
+    if world.Get_rank() == 0:
+        return None, CUBE_CLIENT_RANK
+    if "comm" not in _state:
+        # collective over the servers only (MPI_Comm_create_group): the cube
+        # client, idle in its engine, takes no part
+        _state["comm"] = world.Create_group(world.Get_group().Excl([0]))
+    comm = _state["comm"]
+    return comm, comm.Get_rank()
 
 
 def _take_memory_share(rank: int) -> int:
@@ -115,7 +148,9 @@ def _take_memory_share(rank: int) -> int:
 
 def where() -> str:
     """'rank R on HOST' for messages raised on this server."""
-    return f"rank {_state.get('rank', '?')} on {_state.get('host', '?')}"
+    rank = _state.get("rank", "?")
+    who = "the cube client" if rank == CUBE_CLIENT_RANK else f"rank {rank}"
+    return f"{who} on {_state.get('host', '?')}"
 
 
 def _transform(code: str) -> str:

@@ -24,6 +24,7 @@ from jupyter_client.jsonutil import json_clean, json_default
 from jupyter_client.session import json_packer
 
 from casa_kernel import variables
+from casa_kernel.casa.role import role_name, server_rank
 
 # Output of one request (a cell, a task) a server sends, stdout and stderr
 # together: Jupyter's own iopub limit is a rate, this is a size (50 MB printed
@@ -73,8 +74,9 @@ def overflow_path() -> str:
     """This server's file for output past OUTPUT_LIMIT (beside its CASA log)."""
     folder = os.environ.get(variables.LOG_DIR) or "/tmp"
     tag = os.environ.get(variables.LOG_TAG, "kernel")
-    rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or "x"
-    return os.path.join(folder, f"casa-kernel-{tag}-rank{rank}-output.log")
+    rank = server_rank()
+    role = "rankx" if rank is None else role_name(rank)
+    return os.path.join(folder, f"casa-kernel-{tag}-{role}-output.log")
 
 
 def _keep(text: str) -> None:

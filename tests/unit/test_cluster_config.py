@@ -187,6 +187,63 @@ def test_death_cause_reads_prterun(output, expected):
     assert death_cause(output, {0: "vm", 1: "vm"}) == expected
 
 
+def test_death_cause_says_where_a_server_crashed():
+    """faulthandler's dump on a crashed server: the crashing thread's innermost frame."""
+    output = (
+        "Fatal Python error: Segmentation fault\n\n"
+        "Thread 0x00007f2c3bcee6c0 (most recent call first):\n"
+        '  File "/py/threading.py", line 982 in run\n\n'
+        "Current thread 0x00007f2c3ca7ab80 (most recent call first):\n"
+        '  File "/casatools/__casac__/imager.py", line 77 in makepsf\n'
+        '  File "<casa_parallel cell 3>", line 1 in <module>\n'
+        "prterun noticed that process rank 1 with PID 9 on node vm exited on\n"
+        "signal 11 (Segmentation fault)."
+    )
+    assert death_cause(output) == (
+        "server rank 1 on vm died of signal 11 (Segmentation fault), "
+        "in makepsf (/casatools/__casac__/imager.py:77)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            "process rank 0 with PID 5 on node vm exited on signal 9 (Killed)",
+            "CASA's cube client on vm died of signal 9 (Killed)",
+        ),
+        (
+            "process rank 2 with PID 7 on node vm exited on signal 9 (Killed)",
+            "server rank 1 on vm died of signal 9 (Killed)",
+        ),
+        (
+            "   Process name: [prterun-vm-7972@1,1]\n   Exit code:    3\n",
+            "server rank 0 on vm exited with code 3",
+        ),
+    ],
+)
+def test_death_cause_with_a_cube_client_names_server_ranks(output, expected):
+    """mpiexec names world ranks; world rank 0 is CASA's cube client (casa/role.py)."""
+    assert death_cause(output, {-1: "vm", 0: "vm", 1: "vm"}, cube_client=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "rank", "role"),
+    [
+        ({"OMPI_COMM_WORLD_RANK": "0", "CASA_KERNEL_CUBE_CLIENT": "1"}, -1, "cubeclient"),
+        ({"OMPI_COMM_WORLD_RANK": "3", "CASA_KERNEL_CUBE_CLIENT": "1"}, 2, "rank2"),
+        ({"OMPI_COMM_WORLD_RANK": "3", "CASA_KERNEL_CUBE_CLIENT": "0"}, 3, "rank3"),
+        ({"PMI_RANK": "1"}, 1, "rank1"),
+        ({}, None, "client"),
+    ],
+)
+def test_a_process_knows_its_role_from_mpiexecs_variables(environ, rank, role):
+    from casa_kernel.casa.role import role_name, server_rank
+
+    assert server_rank(environ) == rank
+    assert role_name(rank) == role
+
+
 # ---------------------------------------------------------------- one configuration room
 
 

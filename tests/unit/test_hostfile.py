@@ -339,6 +339,28 @@ def test_server_hostfile_text_without_hostfile() -> None:
     assert [(e.host, e.slots) for e in parse_hostfile(text)] == [("localhost", 3)]
 
 
+@pytest.mark.parametrize(
+    ("nprocs", "body"),
+    [
+        # the client's slot on orion is the cube client's (world rank 0), then servers
+        (7, ["orion slots=5", "antares slots=2"]),
+        (13, ["orion slots=5", "antares slots=4", "sirius slots=4"]),
+    ],
+)
+def test_server_hostfile_gives_the_clients_slot_to_the_cube_client(nprocs, body) -> None:
+    placement = place(nprocs, STAR_HOSTS, "hosts.txt")
+    text = placement.server_hostfile_text(cube_client=True)
+    assert [line for line in text.splitlines() if not line.startswith("#")] == body
+    # mpiexec -n servers+1 fills exactly these slots: the cube client first
+    assert sum(e.slots for e in parse_hostfile(text)) == len(placement.servers) + 1
+
+
+def test_cube_client_slot_on_a_client_host_without_servers() -> None:
+    placement = Placement("orion", ("antares", "antares"))
+    text = placement.server_hostfile_text(cube_client=True)
+    assert [(e.host, e.slots) for e in parse_hostfile(text)] == [("orion", 1), ("antares", 2)]
+
+
 def test_server_hostfile_header_survives_a_newline_in_the_path() -> None:
     placement = place(3, STAR_HOSTS, "odd\nevil slots=99")
     assert [(e.host, e.slots) for e in parse_hostfile(placement.server_hostfile_text())] == [
