@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -158,6 +159,8 @@ def test_a_server_killed_by_the_oom_killer_is_said_and_replaced(tmp_path):
         assert reply.status == "error", reply.result
         assert "server rank 1 on" in reply.evalue, reply.evalue
         assert "was killed by the out-of-memory killer" in reply.evalue, reply.evalue
+        # how full its memory cgroup was (this test's 700 MB group): the peak and limit
+        assert re.search(r"held up to \d+ MiB of its 700 MiB limit", reply.evalue), reply.evalue
         assert "Use fewer servers per host" in reply.evalue
         assert "re-ran" not in reply.stderr  # the same work would need the same memory
         assert km.is_alive()  # the OOM killer took a server, not the kernel

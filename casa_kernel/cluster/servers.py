@@ -284,7 +284,7 @@ class EngineSet:
 def out_of_memory(cause: str, servers: list[ServerInfo]) -> str:
     """The death ``cause`` said as an out-of-memory kill when the OOM killer took
     a process of a server's cgroup since it started ('' when it did not)."""
-    from casa_kernel.server.memory import oom_kills
+    from casa_kernel.server.memory import cgroup_peak, oom_kills
 
     for info in servers:
         if not info.cgroup or info.oom_kills is None:
@@ -294,8 +294,14 @@ def out_of_memory(cause: str, servers: list[ServerInfo]) -> str:
             continue
         share = f"{info.memory_share / 2**30:.1f} GiB" if info.memory_share else "the whole host"
         who = cause.split(" died of ")[0] if " died of " in cause else "a server"
+        peak, limit = cgroup_peak(info.cgroup)
+        held = ""
+        if peak is not None:  # the killed process is gone: its group's high-water mark
+            held = f"; its memory cgroup held up to {peak / 2**20:.0f} MiB" + (
+                f" of its {limit / 2**20:.0f} MiB limit" if limit is not None else ""
+            )
         return (
-            f"{who} was {OOM_KILLED} (CASA planned for {share} on it). "
+            f"{who} was {OOM_KILLED} (CASA planned for {share} on it{held}). "
             "Use fewer servers per host (-n), or more memory for them (a larger batch job), "
             f"or a smaller {variables.SERVER_MEMORY}"
         )

@@ -121,6 +121,25 @@ def oom_kills(folder: str) -> int | None:
     return None
 
 
+def cgroup_peak(folder: str) -> tuple[int | None, int | None]:
+    """(the most memory cgroup ``folder`` held, its limit), None where unknown or
+    unlimited: after an OOM kill, how full it was (the killed process is gone)."""
+
+    def read(*names: str) -> int | None:
+        for name in names:
+            try:
+                text = Path(folder, name).read_text().strip()
+            except OSError:
+                continue
+            return int(text) if text.isdigit() and int(text) < 2**60 else None
+        return None
+
+    return (
+        read("memory.peak", "memory.max_usage_in_bytes"),
+        read("memory.max", "memory.limit_in_bytes"),
+    )
+
+
 def give_casa_share(share: int, rc: str) -> None:
     """Make CASA in this process plan for ``share`` bytes (before CASA is imported),
     through the casarc file ``rc`` (written here)."""
