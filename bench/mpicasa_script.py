@@ -30,6 +30,20 @@ def peak_mib(pid):
     return found
 
 
+def cpu_seconds(pids):
+    """user+system CPU seconds of these processes so far (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def sibling_pids():
     """The other ranks: processes with the same parent (prterun) as this one."""
     me, parent = os.getpid(), os.getppid()
@@ -91,9 +105,11 @@ def main():
         for label, task, kwargs, cleanup in spec["steps"]:
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
-            t0 = time.perf_counter()
+            ranks = [os.getpid(), *servers]
+            t0, c0 = time.perf_counter(), cpu_seconds(ranks)
             ret = getattr(casatasks, task)(**kwargs)
             elapsed = time.perf_counter() - t0
+            result.setdefault("cpu", {}).setdefault(label, []).append(cpu_seconds(ranks) - c0)
             if ret is False:
                 result["errors"].append(f"{label} returned False")
             result["times"].setdefault(label, []).append(elapsed)
