@@ -157,13 +157,14 @@ def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
         assert {m for p, m in keyfiles.items() if "json" not in p} == {"0o700"}, keyfiles
         assert report["keys_while_running"] == [], report  # gone once servers registered
         assert report["keys_left"] == [], report["keys_left"]
-        # both servers read that file, and had no connection info in their environment
+        # both servers and CASA's cube client (3 engines) read that file, and had
+        # no connection info in their environment
         key_file = str(tmp_path / "keys" / files[0])
-        assert report["engines"] == [{"url_file": key_file, "info_in_env": False}] * 2, report
+        assert report["engines"] == [{"url_file": key_file, "info_in_env": False}] * 3, report
     else:  # not encrypted: the environment, as on one machine; no folder made
         assert keyfiles == {} and report["keys_left"] is None, report
         assert report["keys_while_running"] is None, report
-        assert report["engines"] == [{"url_file": "", "info_in_env": True}] * 2, report
+        assert report["engines"] == [{"url_file": "", "info_in_env": True}] * 3, report
 
     cap = report["capture"]
     # the capture saw everything, and the whole path: the Jupyter channels (which

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from casa_kernel import variables
+
 # The watchdog's hook: (pids, folders, batch-job cancel commands).
 OnChange = Callable[[set[int], set[str], list[list[str]]], None]
 
@@ -62,6 +64,20 @@ def remove_path(path: str) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def owned_by(owner: int) -> set[int]:
+    """Pids of the processes whose environment names ``owner`` as their cluster's
+    owner (``variables.OWNER``, set for every process of a cluster): found even
+    when nothing tracked them (forked while the start was cut short, orphaned)."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != owner and proc.environ().get(variables.OWNER) == str(owner):
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
 def kill_now(pids: Iterable[int]) -> None:
@@ -124,6 +140,16 @@ class Janitor:
         except psutil.Error:
             pass
         self.add(found)
+
+    def kill_everything(self, launchers: Iterable[Any], extra: set[int]) -> None:
+        """A start given up on: all of it at once (TERM, KILL after 1 s): the
+        launchers' process trees, what is tracked, ``extra``, and whatever carries
+        this kernel's OWNER mark (a start cut short inside start_controller() had
+        tracked nothing yet: its controller outlived the error; and a process forked
+        between a listing and the kill)."""
+        for launcher in launchers:
+            self.track(launcher)
+        reap(self.pids() | extra | owned_by(os.getpid()), grace=1.0)
 
     def add(self, pids: Iterable[int]) -> None:
         with self._lock:

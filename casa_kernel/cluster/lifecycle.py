@@ -293,14 +293,15 @@ class CasaCluster:
     async def _failed_start(self, exc: BaseException) -> None:
         self.error = exc
         self._set_state(State.FAILED, f"failed: {exc}")
-        # Nothing half-started may linger, and nothing of it needs a gentle stop:
-        # signals first (ipyparallel's stop of an mpiexec whose engines were still
-        # importing took over 10 s at load 10), then the bookkeeping.
-        pids = self.janitor.pids() | {p.pid for p in self._watch_processes()}
+        # Nothing half-started may linger or needs a gentle stop: signals first
+        # (ipyparallel's stop took over 10 s at load 10), then the bookkeeping.
+        launchers = [self._ipp.controller, *self._ipp.engines.values()] if self._ipp else []
+        watched, loop = {p.pid for p in self._watch_processes()}, asyncio.get_running_loop()
         self._halt_watch()
-        await asyncio.get_running_loop().run_in_executor(None, reap, pids, 1.0)
+        await loop.run_in_executor(None, self.janitor.kill_everything, launchers, watched)
         await self.stop_async()
         self.janitor.clean()
+        await loop.run_in_executor(None, self.janitor.kill_everything, [], set())
 
     async def _start(self) -> None:
         await self._preflight()
