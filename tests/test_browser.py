@@ -331,9 +331,10 @@ def test_user_runs_casa_parallel_in_jupyterlab(tmp_path: Path, tiny_mms: str) ->
                     [t.strip() for t in row.locator("td").all_inner_texts()]
                     for row in table.locator("tbody tr").all()
                 ]
-                assert [r[0] for r in rows] == ["0", "1"], f"rows: {rows}"
+                # CASA's cube client first (a row of its own), then the 2 servers
+                assert [r[0] for r in rows] == ["cube client", "0", "1"], f"rows: {rows}"
                 assert all(r[1] for r in rows), f"a row without host: {rows}"
-                assert [r[3] for r in rows] == ["idle", "idle"], f"rows: {rows}"
+                assert [r[3] for r in rows] == ["idle"] * 3, f"rows: {rows}"
                 # The table tells the truth: its pids are this kernel's servers.
                 cluster_pids = {p.pid for p in cluster_processes(pid)}
                 assert {int(r[2]) for r in rows} <= cluster_pids, f"{rows} vs {cluster_pids}"

@@ -35,8 +35,8 @@ from casa_kernel.client.jobs import (
     shared_apply,
 )
 from casa_kernel.client.progress import Tracker
+from casa_kernel.cluster.launcher import OOM_KILLED
 from casa_kernel.cluster.lifecycle import CasaCluster
-from casa_kernel.cluster.servers import OOM_KILLED
 from casa_kernel.display import StreamPrinter, server_label
 from casa_kernel.errors import ClusterError, RemoteError, kernel_cwd
 from casa_kernel.server import engine

@@ -4,7 +4,8 @@
 and the environment without starting anything); :class:`CasaEngineSetLauncher` is ipyparallel's
 ``MPIEngineSetLauncher`` with that builder, and with mpiexec's output kept for
 our messages and a log file instead of dumped into the notebook. What mpiexec
-says when a rank dies is read by :func:`death_cause`.
+says when a rank dies is read by :func:`death_cause` (and :func:`out_of_memory`
+when the OOM killer took it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from ipyparallel.cluster.launcher import MPIEngineSetLauncher
 from traitlets import Bool, List, Unicode
 
+from casa_kernel import variables
 from casa_kernel.casa.role import CUBE_CLIENT_RANK, world_to_server
 from casa_kernel.config.mpiexec import LaunchSpec, mpiexec_command, running_as_root
 
@@ -200,4 +202,37 @@ def last_words(output: str) -> str:
     if faults:
         fault = faults[-1]
         return f", in {fault['func']} ({fault['file']}:{fault['line']})"
+    return ""
+
+
+# How a death by the OOM killer is said (a job is not run again after one: the
+# same work would need the same memory).
+OOM_KILLED = "killed by the out-of-memory killer"
+
+
+def out_of_memory(cause: str, servers: list[Any]) -> str:
+    """The death ``cause`` said as an out-of-memory kill when the OOM killer took
+    a process of a server's cgroup since it started ('' when it did not);
+    ``servers`` are cluster/servers.py's ServerInfo."""
+    from casa_kernel.server.memory import cgroup_peak, oom_kills
+
+    for info in servers:
+        if not info.cgroup or info.oom_kills is None:
+            continue
+        now = oom_kills(info.cgroup)
+        if now is None or now <= info.oom_kills:
+            continue
+        share = f"{info.memory_share / 2**30:.1f} GiB" if info.memory_share else "the whole host"
+        who = cause.split(" died of ")[0] if " died of " in cause else "a server"
+        peak, limit = cgroup_peak(info.cgroup)
+        held = ""
+        if peak is not None:  # the killed process is gone: its group's high-water mark
+            held = f"; its memory cgroup held up to {peak / 2**20:.0f} MiB" + (
+                f" of its {limit / 2**20:.0f} MiB limit" if limit is not None else ""
+            )
+        return (
+            f"{who} was {OOM_KILLED} (CASA planned for {share} on it{held}). "
+            "Use fewer servers per host (-n), or more memory for them (a larger batch job), "
+            f"or a smaller {variables.SERVER_MEMORY}"
+        )
     return ""

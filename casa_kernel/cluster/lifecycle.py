@@ -292,13 +292,13 @@ class CasaCluster:
 
     async def _failed_start(self, exc: BaseException) -> None:
         self.error = exc
-        self._set_state(State.FAILED, f"failed: {exc}")
-        # Nothing half-started may linger or needs a gentle stop: signals first
-        # (ipyparallel's stop took over 10 s at load 10), then the bookkeeping.
+        # Nothing half-started may linger or needs a gentle stop: signals, THEN the
+        # failure is said (a waiting mpiexec launched servers after "stopped").
         launchers = [self._ipp.controller, *self._ipp.engines.values()] if self._ipp else []
         watched, loop = {p.pid for p in self._watch_processes()}, asyncio.get_running_loop()
         self._halt_watch()
         await loop.run_in_executor(None, self.janitor.kill_everything, launchers, watched)
+        self._set_state(State.FAILED, f"failed: {exc}")
         await self.stop_async()
         self.janitor.clean()
         await loop.run_in_executor(None, self.janitor.kill_everything, [], set())

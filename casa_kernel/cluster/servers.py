@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from casa_kernel import preflight, variables
+import psutil
+
+from casa_kernel import preflight
 from casa_kernel.cluster import health, keyfile
 from casa_kernel.cluster.janitor import kill_now, reap
-from casa_kernel.cluster.launcher import death_cause, last_words, outside_python
+from casa_kernel.cluster.launcher import death_cause, last_words, out_of_memory, outside_python
 from casa_kernel.cluster.state import State
 from casa_kernel.errors import ClusterError
 
@@ -34,9 +36,6 @@ log = logging.getLogger("casa_kernel.cluster")
 
 # How long the controller gets to drop the servers of a killed engine set.
 UNREGISTER_TIMEOUT = 15.0
-# How a death by the OOM killer is said (a job is not run again after one: the
-# same work would need the same memory).
-OOM_KILLED = "killed by the out-of-memory killer"
 # What is read of the servers' output per cell for the note on C output (its start).
 UNREAD_LIMIT = 64 * 1024
 
@@ -235,6 +234,25 @@ class EngineSet:
             )
         return self.cause()
 
+    def ended_unnoticed(self, wait: float = 3.0) -> str:
+        """'' unless this engine set's mpiexec (run here) has ended and ipyparallel
+        has not said so yet (a cell sent at once after prterun was killed ran on
+        its orphaned servers): then wait for that stop callback, which replaces
+        the servers, and say why. No cell goes to servers whose mpiexec is gone."""
+        proc = getattr(self.launcher, "process", None)
+        if proc is None or self._stopped.is_set() or self.job() is not None:
+            return ""
+        try:
+            ended = proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            ended = True
+        except psutil.Error:
+            return ""
+        if not ended:
+            return ""
+        self._stopped.wait(wait)
+        return self.cause() if self._stopped.is_set() else "the servers' mpiexec ended"
+
     def cause(self) -> str:
         hosts = {info.rank: info.host for info in self.cluster.servers.values()}
         output = self.output()
@@ -281,33 +299,6 @@ class EngineSet:
         return preflight.without_job_lines(output).strip()
 
 
-def out_of_memory(cause: str, servers: list[ServerInfo]) -> str:
-    """The death ``cause`` said as an out-of-memory kill when the OOM killer took
-    a process of a server's cgroup since it started ('' when it did not)."""
-    from casa_kernel.server.memory import cgroup_peak, oom_kills
-
-    for info in servers:
-        if not info.cgroup or info.oom_kills is None:
-            continue
-        now = oom_kills(info.cgroup)
-        if now is None or now <= info.oom_kills:
-            continue
-        share = f"{info.memory_share / 2**30:.1f} GiB" if info.memory_share else "the whole host"
-        who = cause.split(" died of ")[0] if " died of " in cause else "a server"
-        peak, limit = cgroup_peak(info.cgroup)
-        held = ""
-        if peak is not None:  # the killed process is gone: its group's high-water mark
-            held = f"; its memory cgroup held up to {peak / 2**20:.0f} MiB" + (
-                f" of its {limit / 2**20:.0f} MiB limit" if limit is not None else ""
-            )
-        return (
-            f"{who} was {OOM_KILLED} (CASA planned for {share} on it{held}). "
-            "Use fewer servers per host (-n), or more memory for them (a larger batch job), "
-            f"or a smaller {variables.SERVER_MEMORY}"
-        )
-    return ""
-
-
 async def stop_all(cluster: CasaCluster) -> None:
     """Close the client, kill the servers, stop engine sets and controller."""
     ipp_cluster, client = cluster._ipp, cluster.client
@@ -342,6 +333,9 @@ def gone(cluster: CasaCluster) -> str:
     ended (a new job is queued), or the controller no longer lists some."""
     if cluster._engines.lost:
         return cluster._engines.lost
+    ended = cluster._engines.ended_unnoticed()
+    if ended:
+        return ended
     lost = missing(cluster)
     return f"{lost} stopped answering the controller" if lost else ""
 
