@@ -323,7 +323,7 @@ class Progress:
             if self.message:
                 head += f" <i>({html.escape(self.message)})</i>"
         if self.shares:
-            columns = ["rank", "host", "state", "running", "elapsed", "done", "busy"]
+            columns = ["rank", "host", "state", "running", "elapsed", "done", "busy", "memory"]
             rows = [
                 [
                     rank_text(r.rank),
@@ -333,6 +333,7 @@ class Progress:
                     _seconds(r.elapsed),
                     str(r.jobs),
                     f"{100.0 * r.busy / self.elapsed:.0f}%" if self.elapsed > 0 else "",
+                    _memory(r.memory, r.share),
                 ]
                 for r in self.rows
             ]

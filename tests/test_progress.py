@@ -49,6 +49,8 @@ def test_per_submms_cell_shows_one_live_table_then_a_summary(kc, mms):
     running = [s for s in states if ">busy</span>" in s["text/html"]]
     assert running, "no state showed a busy server"
     assert re.search(r"tiny\.mms\.000\d\.ms", running[-1]["text/html"])
+    # each server's memory against its share, as in %casa_cluster status
+    assert len(re.findall(r"[\d.]+ MiB of [\d.]+ GiB", running[-1]["text/html"])) == 2
     assert all("\n" not in s["text/plain"] for s in states)  # plain front ends: one line
     final = states[-1]["text/plain"]
     assert re.fullmatch(

@@ -199,7 +199,8 @@ class Tracker:
         for eid, info in sorted(self.cluster.servers.items(), key=lambda item: item[1].rank):
             if info.rank < 0 and eid not in running and not self._jobs.get(eid):
                 continue  # CASA's cube client: a row only where it works (a cube)
-            row = ServerRow(info.rank, info.host, pid=info.pid)
+            row = ServerRow(info.rank, info.host, pid=info.pid, share=info.memory_share)
+            row.memory = _local_rss(info.pid)  # against its share; none read remotely here
             row.busy = self._busy.get(eid, 0.0)
             row.jobs = self._jobs.get(eid, 0)
             if eid not in alive:
