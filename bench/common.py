@@ -138,6 +138,20 @@ def proc_status(pid: int) -> dict[str, float]:
 # -- processes ----------------------------------------------------------------------
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU seconds of these processes so far (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def descendants(pid: int) -> list[int]:
     import psutil
 

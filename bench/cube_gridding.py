@@ -48,6 +48,7 @@ from common import (
     PYTHON,
     TESTS,
     casa_env,
+    cpu_seconds,
     fmt,
     loadavg,
     log,
@@ -67,20 +68,6 @@ PRODUCTS = ("image", "psf", "pb", "sumwt")
 def _cpu_self() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _cpu_of(pids: list[int]) -> float:
-    """user+system CPU seconds of these processes so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
 
 
 def _child(spec: dict[str, Any]) -> None:
@@ -166,7 +153,7 @@ def _kernel(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str, 
         )
         ranks = {int(k): v for k, v in json.loads(ast.literal_eval(pids.result)).items()}
         everyone = [kernel_pid(km), *ranks.values()]
-        c0 = _cpu_of(everyone)
+        c0 = cpu_seconds(everyone)
         reply = execute(
             kc,
             f"[shutil.rmtree(p, True) for p in glob.glob('{name}.*')]\n"
@@ -176,7 +163,7 @@ def _kernel(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str, 
             timeout=3600,
         )
         assert reply.status == "ok", reply.error
-        cpu = _cpu_of(everyone) - c0
+        cpu = cpu_seconds(everyone) - c0
         peaks = {rank: proc_status(pid).get("VmHWM", float("nan")) for rank, pid in ranks.items()}
     wall = float(reply.stdout.split("@@T")[-1].split()[0])
     client = peaks.pop(-1, float("nan"))  # CASA's cube client (casa/role.py)
@@ -219,6 +206,19 @@ def _mpicasa(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str,
         "peak_mib": {r: s.get("VmHWM", float("nan")) for r, s in enumerate(servers)},
         "client_peak_mib": res["memory_after"]["client"].get("VmHWM", float("nan")),
     }
+
+
+def _row(label: str, run: dict[str, Any], serial: dict[str, Any]) -> list[Any]:
+    """A parallel run's table row: against serial, its images' difference, peaks."""
+    return [
+        label,
+        run["wall"],
+        run["cpu"],
+        serial["wall"] / run["wall"],
+        run["diff"],
+        max(run["peak_mib"].values()),
+        run["client_peak_mib"],
+    ]
 
 
 def main() -> None:
@@ -283,33 +283,13 @@ def main() -> None:
                     "",
                 ]
             )
-            rows.append(
-                [
-                    f"{gridder}: casa-kernel, {n} servers",
-                    kernel["wall"],
-                    kernel["cpu"],
-                    serial["wall"] / kernel["wall"],
-                    kernel["diff"],
-                    max(kernel["peak_mib"].values()),
-                    kernel["client_peak_mib"],
-                ]
-            )
+            rows.append(_row(f"{gridder}: casa-kernel, {n} servers", kernel, serial))
             if args.mpicasa:
                 log(f"{gridder}: mpicasa -n {n + 1}")
                 mpicasa = _mpicasa(root, n, f"m{n}_{gridder}", params)
                 mpicasa["diff"] = _max_rel_diff(root, f"s_{gridder}", f"m{n}_{gridder}")
                 runs[f"mpicasa {n}"] = mpicasa
-                rows.append(
-                    [
-                        f"{gridder}: mpicasa -n {n + 1}",
-                        mpicasa["wall"],
-                        mpicasa["cpu"],
-                        serial["wall"] / mpicasa["wall"],
-                        mpicasa["diff"],
-                        max(mpicasa["peak_mib"].values()),
-                        mpicasa["client_peak_mib"],
-                    ]
-                )
+                rows.append(_row(f"{gridder}: mpicasa -n {n + 1}", mpicasa, serial))
     print(
         f"\nMS: {args.nant} antennas, {args.nint} integrations x 2 spw x {args.nchan} ch; "
         f"cube {args.imsize}^2 niter=0; {cores} cores; load after: {loadavg()[0]:.1f}\n"

@@ -5,7 +5,8 @@ Run by bench/p1_casa.py as ``mpiexec -n 3 <bench/.venv-mpicasa/bin/python> this.
 ranks 1..N-1 into casampi servers that never return from it (they ``os._exit`` when
 the client stops them); rank 0 returns as casampi's client and runs the steps of
 SPEC on the Multi-MS, timing each task call, exactly as a ``mpicasa -n 3 casa -c
-script.py`` user script would. Self-contained: casa_kernel is not installed here.
+script.py`` user script would. casa_kernel is not installed here: it imports only
+bench/common.py (stdlib).
 """
 
 import json
@@ -13,6 +14,8 @@ import os
 import shutil
 import sys
 import time
+
+from common import cpu_seconds  # bench/common.py: stdlib only, importable from this venv
 
 T_SCRIPT = time.time()  # wall clock, so the parent can place it on its own timeline
 
@@ -28,20 +31,6 @@ def peak_mib(pid):
     except OSError:
         pass
     return found
-
-
-def cpu_seconds(pids):
-    """user+system CPU seconds of these processes so far (/proc/PID/stat)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
 
 
 def sibling_pids():
