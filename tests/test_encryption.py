@@ -187,6 +187,10 @@ def test_no_cell_text_or_result_bytes_in_clear_across_hosts(
         assert len(cap["result_in"]) >= 3, cap
         assert cap["curve_greetings"] == 0 and cap["null_greetings"] > 0, cap
         # and the control shows the capture would see the key: unencrypted, it
-        # still travels in the servers' environment, through mpiexec's daemons
-        assert cap["key_in"] and set(cap["key_owners"]) <= {"prterun", "prted"}, cap
+        # still travels in the servers' environment, through mpiexec's daemons:
+        # every stream with it has a daemon at one end (the other: a daemon, or an
+        # MPI process on the daemon's host, e.g. CASA's cube client beside prterun)
+        daemons = {"prterun", "prted"}
+        assert cap["key_in"] and cap["key_owners"], cap
+        assert all(daemons & set(pair) for pair in cap["key_owners"]), cap
     assert report["left"] == []

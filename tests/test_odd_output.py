@@ -366,6 +366,21 @@ def _fill_when(path, folder) -> threading.Thread:
     return thread
 
 
+def test_a_write_error_on_a_full_disk_is_a_full_disk_whatever_errno_said(small_disk, tmp_path):
+    """casacore words a failed write with errno as it is later: a server that
+    died of "write error ... No such file or directory" on a full file system
+    died of the full disk (its job is not run again), elsewhere it did not."""
+    from casa_kernel.casa.outputs import full_disk_death
+
+    words = "casacore::AipsError: FilebufIO: write error for file {}/table.dat_tmp: {}"
+    missing = "No such file or directory"
+    _leave_free(small_disk, 64 * 1024)
+    assert full_disk_death(words.format(small_disk / "out.mms.data" / "a.ms", missing))
+    assert full_disk_death(words.format(tmp_path / "a.ms", "No space left on device"))
+    assert not full_disk_death(words.format(tmp_path / "a.ms", missing))
+    assert not full_disk_death(f"server rank 1 died of signal 6: {missing}")
+
+
 @pytest.mark.parametrize("task", ["split", "mstransform", "partition"])
 def test_full_disk_is_refused_naming_task_and_path_and_leaves_nothing(
     kc, tiny_mms, small_disk, tmp_path, task

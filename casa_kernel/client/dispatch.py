@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from casa_kernel.casa.outputs import FULL_DISK
+from casa_kernel.casa.outputs import full_disk_death
 from casa_kernel.client.interrupts import Interrupts, say
 from casa_kernel.client.jobs import (
     Handle,
@@ -33,6 +33,7 @@ from casa_kernel.client.jobs import (
     outcome_of,
     placed,
     shared_apply,
+    world_ended,
 )
 from casa_kernel.client.progress import Tracker
 from casa_kernel.cluster.launcher import OOM_KILLED
@@ -140,10 +141,11 @@ class Dispatcher:
                         handles[i] = handle
                     continue
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
+                kinds = {i: h.kind() for i, h in enumerate(handles) if i not in tries}
+                died_on = [handles[i].engine_id() for i, k in kinds.items() if k == "died"]
+                ended = world_ended(died_on, world, self._servers_missing(), not recoveries)
                 lost = [
-                    i
-                    for i, h in enumerate(handles)
-                    if i not in tries and is_lost(h.kind(), h.engine_id(), world)
+                    i for i, k in kinds.items() if is_lost(k, handles[i].engine_id(), world, ended)
                 ]
                 if not lost:
                     break
@@ -152,14 +154,13 @@ class Dispatcher:
                 if full_disk:  # still full: nothing is run again in this call
                     tries.update({i: recoveries for i in lost})
                     continue
-                if (
-                    recoveries
-                    and stale_reruns < MAX_RECOVERIES
-                    and all(handles[i].engine_id() not in world for i in lost)
-                ):
+                if not ended:
                     # Jobs that reached a server of the world that ended just
                     # before it ended fail late, after the recovery; the new
                     # world is fine: run them again, do not replace it.
+                    if stale_reruns >= MAX_RECOVERIES:
+                        tries.update({i: recoveries for i in lost})
+                        continue
                     stale_reruns += 1
                     say(f"re-ran jobs lost with the servers replaced before: {names}")
                 elif recoveries < MAX_RECOVERIES:
@@ -167,7 +168,7 @@ class Dispatcher:
                     cause = self.cluster.recover()
                     # a full disk fails the same write the same way again; the
                     # same work needs the same memory
-                    full_disk = FULL_DISK in cause or OOM_KILLED in cause
+                    full_disk = full_disk_death(cause) or OOM_KILLED in cause
                     kept = [i for i in lost if full_disk or not jobs[i].rerun]
                     tries.update({i: recoveries for i in kept})
                     lost = [i for i in lost if i not in tries]
@@ -285,8 +286,12 @@ class Dispatcher:
         """A server died: a job failed that way, or servers left the controller."""
         if any(h.kind() in ("died", "unplaced") for h in handles):
             return True
+        return self._servers_missing()
+
+    def _servers_missing(self) -> bool:
+        """Servers (or CASA's cube client) of the current world left the controller."""
         client = self.cluster.client
-        return client is not None and len(client.ids) < self.cluster.config.nranks
+        return client is not None and not set(self.cluster.servers) <= set(client.ids)
 
 
 _said_outside_python = False  # the note on servers' C output: once per session

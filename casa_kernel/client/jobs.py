@@ -117,13 +117,24 @@ def classify(exc: BaseException) -> str:
     return "failed"
 
 
-def is_lost(kind: str | None, engine: int | None, world: set[int]) -> bool:
-    """A job to run again after its MPI world ended: it died with its server, or
-    was running in that world. Jobs queued in the load-balancer (no engine yet)
-    are not lost: they go to the new servers by themselves."""
+def is_lost(kind: str | None, engine: int | None, world: set[int], ended: bool = True) -> bool:
+    """A job to run again: it died with its server, or was running in ``world``
+    when that MPI world ended (``ended``). Jobs queued in the load-balancer (no
+    engine yet) are not lost: they go to the new servers by themselves."""
     if kind is not None:
         return kind == "died"
-    return engine is not None and engine in world
+    return ended and engine is not None and engine in world
+
+
+def world_ended(died_on: list[int | None], world: set[int], missing: bool, first: bool) -> bool:
+    """Did the current MPI world end? Servers of it left the controller
+    (``missing``), or a job died on one of its servers. A job that died on a
+    world replaced before (its EngineError can come after the recovery) ends
+    nothing: the jobs running on the new servers go on, only it runs again.
+    ``first``: no recovery yet in this call (a death then is this world's)."""
+    if missing or any(engine in world for engine in died_on):
+        return True
+    return first and bool(died_on)
 
 
 def shared_apply(jobs: list[Job]) -> list[int]:

@@ -81,6 +81,7 @@ class EngineSet:
         )
         self._stopped = threading.Event()
         self._ours, self.lost = False, ""
+        self._stop_data = None  # (an exit code of the set before is not this one's)
         if self.url_file is not None:  # the key by file, not through mpiexec or the queue
             info = await ipp.controller.get_connection_info()
             keyfile.write(os.path.dirname(self.url_file), info["engine"])

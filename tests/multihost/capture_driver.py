@@ -177,10 +177,14 @@ def analyse(
         "text_in": flows_containing(others, CELL_TEXT.encode()),
         "result_in": flows_containing(others, result_bytes()),
         # the HMAC key: every stream holding it (the Jupyter channels too), and
-        # which processes hold their ends
+        # which processes hold the two ends of each (one pair per stream)
         "key_in": flows_containing(streams, key) if key else ["(no key found)"],
         "key_owners": sorted(
-            {owners.get(f[i], "?") for f, d in others.items() if key and key in d for i in (1, 3)}
+            {
+                tuple(sorted((owners.get(f[1], "?"), owners.get(f[3], "?"))))
+                for f, d in others.items()
+                if key and key in d
+            }
         ),
     }
 

@@ -12,6 +12,7 @@ from casa_kernel.client.jobs import (
     is_lost,
     shared_apply,
     trim_traceback,
+    world_ended,
 )
 from casa_kernel.errors import CasaKernelError, RemoteError, ServerFailure, server_failure
 
@@ -92,6 +93,27 @@ def test_classify_by_type(exc, kind):
 )
 def test_lost_jobs(kind, engine, world, lost):
     assert is_lost(kind, engine, world) is lost
+
+
+def test_a_running_job_is_not_lost_while_its_world_goes_on():
+    assert is_lost(None, 1, {0, 1}, ended=False) is False
+    assert is_lost("died", 7, {0, 1}, ended=False) is True  # it, alone, runs again
+
+
+@pytest.mark.parametrize(
+    "died_on, world, missing, first, ended",
+    [
+        ([0], {0, 1}, False, False, True),  # died on a server of this world
+        ([7], {0, 1}, False, False, False),  # on the world replaced before: late news
+        ([None], {0, 1}, False, False, False),  # (no engine known) late news too
+        ([None], {0, 1}, False, True, True),  # no recovery yet: this world's
+        ([], {0, 1}, True, False, True),  # a server left the controller
+        ([], {0, 1}, False, True, False),  # nothing died
+        ([7, 1], {0, 1}, False, False, True),  # late news AND this world ended
+    ],
+)
+def test_world_ended(died_on, world, missing, first, ended):
+    assert world_ended(died_on, world, missing, first) is ended
 
 
 def _f() -> None:
