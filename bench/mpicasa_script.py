@@ -95,10 +95,12 @@ def main():
             for path in cleanup:
                 shutil.rmtree(path, ignore_errors=True)
             ranks = [os.getpid(), *servers]
-            t0, c0 = time.perf_counter(), cpu_seconds(ranks)
+            t0, c0, s0 = time.perf_counter(), cpu_seconds(ranks), cpu_seconds(servers)
             ret = getattr(casatasks, task)(**kwargs)
             elapsed = time.perf_counter() - t0
             result.setdefault("cpu", {}).setdefault(label, []).append(cpu_seconds(ranks) - c0)
+            servers_cpu = cpu_seconds(servers) - s0  # (the rest: the client's)
+            result.setdefault("cpu_servers", {}).setdefault(label, []).append(servers_cpu)
             if ret is False:
                 result["errors"].append(f"{label} returned False")
             result["times"].setdefault(label, []).append(elapsed)

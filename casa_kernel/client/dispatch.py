@@ -142,8 +142,9 @@ class Dispatcher:
                     continue
                 world = set(self.cluster.servers)  # OpenMPI ends the whole world
                 kinds = {i: h.kind() for i, h in enumerate(handles) if i not in tries}
-                died_on = [handles[i].engine_id() for i, k in kinds.items() if k == "died"]
-                ended = world_ended(died_on, world, self._servers_missing(), not recoveries)
+                died_in = [handles[i].world for i, k in kinds.items() if k == "died"]
+                current = self.cluster.world
+                ended = world_ended(died_in, current, self._servers_missing())
                 lost = [
                     i for i, k in kinds.items() if is_lost(k, handles[i].engine_id(), world, ended)
                 ]
@@ -154,7 +155,7 @@ class Dispatcher:
                 if full_disk:  # still full: nothing is run again in this call
                     tries.update({i: recoveries for i in lost})
                     continue
-                if not ended:
+                if recoveries and not ended:
                     # Jobs that reached a server of the world that ended just
                     # before it ended fail late, after the recovery; the new
                     # world is fine: run them again, do not replace it.
@@ -165,7 +166,8 @@ class Dispatcher:
                     say(f"re-ran jobs lost with the servers replaced before: {names}")
                 elif recoveries < MAX_RECOVERIES:
                     recoveries += 1
-                    cause = self.cluster.recover()
+                    # (not ended: the watch replaced their world before we looked)
+                    cause = self.cluster.recover(current if ended else min(died_in))
                     # a full disk fails the same write the same way again; the
                     # same work needs the same memory
                     full_disk = full_disk_death(cause) or OOM_KILLED in cause
@@ -183,7 +185,7 @@ class Dispatcher:
                     # No more re-runs, but new servers now: the error says they
                     # run, and the next cell must not find dead ones and replace
                     # them again with a second notice of its own.
-                    self.cluster.recover()
+                    self.cluster.recover(current)
                     break
                 for i, handle in zip(lost, self.submit([jobs[i] for i in lost], deadline)):
                     handles[i] = handle
@@ -219,6 +221,7 @@ class Dispatcher:
         """
         self.interrupts.wait_stuck(deadline)
         client = self._ready()
+        world = self.cluster.world
         handles: list[Handle | None] = [None] * len(jobs)
         together = shared_apply(jobs)
         if together:
@@ -238,6 +241,9 @@ class Dispatcher:
             lview = client.load_balanced_view(targets=sorted(servers))
             for i in balanced:
                 handles[i] = Handle(lview.apply_async(jobs[i].func, *jobs[i].args))
+        for handle in handles:
+            if handle is not None:
+                handle.world = world
         return [h for h in handles if h is not None]
 
     def _ready(self) -> Any:

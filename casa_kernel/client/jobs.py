@@ -55,6 +55,9 @@ class Handle:
     index: int = 0
     multi: bool = False
     engine: int | None = None  # known for a direct job; load-balanced: from metadata
+    # the cluster's world it was sent to: engine ids are MPI ranks, the same in
+    # every world, so they cannot tell a job of the servers replaced before
+    world: int = 0
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -126,15 +129,13 @@ def is_lost(kind: str | None, engine: int | None, world: set[int], ended: bool =
     return ended and engine is not None and engine in world
 
 
-def world_ended(died_on: list[int | None], world: set[int], missing: bool, first: bool) -> bool:
-    """Did the current MPI world end? Servers of it left the controller
-    (``missing``), or a job died on one of its servers. A job that died on a
-    world replaced before (its EngineError can come after the recovery) ends
-    nothing: the jobs running on the new servers go on, only it runs again.
-    ``first``: no recovery yet in this call (a death then is this world's)."""
-    if missing or any(engine in world for engine in died_on):
-        return True
-    return first and bool(died_on)
+def world_ended(died_in: list[int], current: int, missing: bool) -> bool:
+    """Did the current MPI world (``current``: the cluster's ``world`` number) end?
+    Servers of it left the controller (``missing``), or a job sent to it died
+    (``died_in``: the worlds the dead jobs were sent to). A job that died in a
+    world replaced since (its EngineError can come after the recovery) ends
+    nothing: the jobs running on the new servers go on."""
+    return missing or current in died_in
 
 
 def shared_apply(jobs: list[Job]) -> list[int]:

@@ -2,20 +2,19 @@
 
 The kernel is the client (mpicasa's rank 0); the servers are ipyparallel engines
 started by :class:`~casa_kernel.cluster.launcher.CasaEngineSetLauncher`, so they form
-one MPI world and engine id == MPI rank (until servers are replaced).
+one MPI world; engine id == MPI world rank, in each new world (``world`` counts them).
 
 Async first: the work is done by coroutines (``start_async``, ``replace_async``,
-``stop_async``) on one private event loop in a daemon thread, so the kernel's
-own loop is never blocked; the kernel's thread calls their twins (``start``,
-which returns at once, ``wait_ready``, ``replace``, ``stop``), which schedule
-them and wait with a deadline. The state
-is a :class:`State` changed in one place, under a lock. When the engine set
-stops on its own (a server died, between cells or during one), ipyparallel's
-stop event starts a replacement at once, on the same controller. The
-controller itself is watched by a thread of its own (cluster/health.py): when
-it dies or goes silent, the cluster is LOST: its processes are killed at once,
-a running cell ends naming the cause, and the next cell starts a whole new
-cluster (controller and servers) and says so.
+``stop_async``) on one private event loop in a daemon thread, so the kernel's own
+loop is never blocked; the kernel's thread calls their twins (``start``, which
+returns at once, ``wait_ready``, ``replace``, ``stop``), which schedule them and
+wait with a deadline. The state is a :class:`State` changed in one place, under a
+lock. When the engine set stops on its own (a server died, between cells or
+during one), ipyparallel's stop event starts a replacement at once, on the same
+controller. The controller itself is watched by a thread of its own
+(cluster/health.py): when it dies or goes silent, the cluster is LOST: its
+processes are killed at once, a running cell ends naming the cause, and the
+next cell starts a whole new cluster (controller and servers) and says so.
 """
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ DEATH_REPORT_WAIT = 5.0
 STOP_TIMEOUT = 30.0
 # Lines of the controller's own output shown when it is lost during a start.
 CONTROLLER_TAIL_LINES = 12
-
-
-ServerInfo = servers.ServerInfo
 
 
 class PrivateLoop:
@@ -81,7 +77,8 @@ class CasaCluster:
         self.client: Any = None
         self.servers: dict[int, servers.ServerInfo] = {}  # engine id -> server
         self.notices: list[str] = []  # what happened between cells, told by the next one
-        self.last_cause = ""  # why the servers were last replaced
+        # why the servers were last replaced; which set of servers runs (+1 at each)
+        self.last_cause, self.world = "", 0
         self.stuck: dict[int, list[Any]] = {}  # engine id -> results it did not stop
         self.janitor = Janitor()
         self._ipp: Any = None
@@ -132,8 +129,7 @@ class CasaCluster:
         """Block until every server is registered; return the ipyparallel Client.
 
         Servers found missing (dead, or dropped by the heartbeat) are replaced
-        first. ``progress`` is called with a short message whenever the note
-        changes.
+        first. ``progress`` is called with a short message when the note changes.
         """
         if timeout is None:  # a start or replacement ends itself at start_timeout
             timeout = self.config.start_timeout + 5
@@ -181,10 +177,12 @@ class CasaCluster:
         self._set_state(State.REPLACING, f"replacing the servers: {cause}")
         self._run(self.replace_async(cause))
 
-    def recover(self, timeout: float | None = None) -> str:
-        """After a server died during a cell: wait for new servers; say why."""
-        self.replace(self._engines.death(DEATH_REPORT_WAIT))
-        self.wait_ready(timeout)
+    def recover(self, died_in: int) -> str:
+        """After servers of ``died_in`` (a :attr:`world`) died during a cell: wait for
+        new ones (started here, unless that world was replaced already); say why."""
+        if died_in == self.world:
+            self.replace(self._engines.death(DEATH_REPORT_WAIT))
+        self.wait_ready()
         self.take_notices()  # the caller tells the cause, with what it re-ran
         return self.last_cause
 
@@ -204,10 +202,10 @@ class CasaCluster:
             return
         cause, began = self._restarted
         self._restarted = None
+        took, n = time.monotonic() - began, self.config.nservers
         with self._lock:
             self.notices.append(
-                f"{cause}; started a new cluster (controller and "
-                f"{self.config.nservers} servers) in {time.monotonic() - began:.1f} s"
+                f"{cause}; started a new cluster (controller and {n} servers) in {took:.1f} s"
             )
 
     def take_notices(self) -> list[str]:

@@ -165,11 +165,12 @@ class EngineSet:
             engine.setup_server, c.config.preload_casa, c.config.start_timeout
         )
         infos = await asyncio.wrap_future(ar)
-        # keyed by engine id; engine ids need not equal ranks after a replacement
+        # keyed by engine id: the MPI world rank (server rank + 1 with a cube client)
         c.servers = {
             eid: ServerInfo(rank, host, pid, "idle", share, cgroup, oom)
             for eid, (rank, host, pid, share, cgroup, oom) in zip(ar.engine_id, infos)
         }
+        c.world += 1  # (engine ids are MPI ranks: the same in every world)
         if c.config.placement.is_local:
             c.janitor.add(info.pid for info in c.servers.values())
         c.janitor.make_private()

@@ -101,19 +101,17 @@ def test_a_running_job_is_not_lost_while_its_world_goes_on():
 
 
 @pytest.mark.parametrize(
-    "died_on, world, missing, first, ended",
+    "died_in, current, missing, ended",
     [
-        ([0], {0, 1}, False, False, True),  # died on a server of this world
-        ([7], {0, 1}, False, False, False),  # on the world replaced before: late news
-        ([None], {0, 1}, False, False, False),  # (no engine known) late news too
-        ([None], {0, 1}, False, True, True),  # no recovery yet: this world's
-        ([], {0, 1}, True, False, True),  # a server left the controller
-        ([], {0, 1}, False, True, False),  # nothing died
-        ([7, 1], {0, 1}, False, False, True),  # late news AND this world ended
+        ([3], 3, False, True),  # a job sent to this world died: it ended
+        ([2], 3, False, False),  # sent to the world replaced before: late news
+        ([], 3, True, True),  # a server left the controller
+        ([], 3, False, False),  # nothing died
+        ([2, 3], 3, False, True),  # late news AND this world ended
     ],
 )
-def test_world_ended(died_on, world, missing, first, ended):
-    assert world_ended(died_on, world, missing, first) is ended
+def test_world_ended(died_in, current, missing, ended):
+    assert world_ended(died_in, current, missing) is ended
 
 
 def _f() -> None:
