@@ -27,7 +27,8 @@ time goes: the CPU is split into the workers' (the gridding they are given) and
 the rest (CASA's client: the cube's setup, gathering, pb, restoring; and the
 kernel's dispatch), and the N-process limit shows what the channels cost alone.
 
-    python bench/cube_gridding.py [--servers 2 3 4] [--gridders standard wproject] [--mpicasa]
+    python bench/cube_gridding.py [--servers 2 3 4] [--gridders standard wproject] \
+        [--mpicasa [--mpicasa-one-thread]] [--nint 240] [--nchan 16] [--wprojplanes 64]
 """
 
 from __future__ import annotations
@@ -180,8 +181,11 @@ def _kernel(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str, 
     }
 
 
-def _mpicasa(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The same call by casampi's client under ``mpiexec -n n+1`` (client + n servers)."""
+def _mpicasa(
+    root: Path, n: int, name: str, params: dict[str, Any], threads: int = 0
+) -> dict[str, Any]:
+    """The same call by casampi's client under ``mpiexec -n n+1`` (client + n servers);
+    ``threads``: OMP_NUM_THREADS for every rank (0: CASA's default, every core)."""
     import mpicasa_env
 
     mpicasa_env.ensure()
@@ -198,6 +202,8 @@ def _mpicasa(root: Path, n: int, name: str, params: dict[str, Any]) -> dict[str,
     spec_path.write_text(json.dumps(spec))
     env = mpi_env()
     env["PATH"] = str(mpicasa_env.VENV / "bin") + os.pathsep + env["PATH"]
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     script = str(BENCH / "mpicasa_script.py")
     cmd = mpiexec_cmd(
         n + 1, mpicasa_env.python(), script, str(spec_path), mpiexec=mpicasa_env.mpiexec()
@@ -243,6 +249,11 @@ def main() -> None:
     ap.add_argument("--imsize", type=int, default=128)
     ap.add_argument("--wprojplanes", type=int, default=64)
     ap.add_argument("--mpicasa", action="store_true", help="also casampi under mpiexec -n N+1")
+    ap.add_argument(
+        "--mpicasa-one-thread",
+        action="store_true",
+        help="with --mpicasa, also with OMP_NUM_THREADS=1 (each rank's share, as the kernel sets)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -303,6 +314,12 @@ def main() -> None:
                 mpicasa["diff"] = _max_rel_diff(root, f"s_{gridder}", f"m{n}_{gridder}")
                 runs[f"mpicasa {n}"] = mpicasa
                 rows.append(_row(f"{gridder}: mpicasa -n {n + 1}", mpicasa, serial))
+            if args.mpicasa and args.mpicasa_one_thread:
+                log(f"{gridder}: mpicasa -n {n + 1}, OMP_NUM_THREADS=1")
+                one = _mpicasa(root, n, f"m{n}t1_{gridder}", params, threads=1)
+                one["diff"] = _max_rel_diff(root, f"s_{gridder}", f"m{n}t1_{gridder}")
+                runs[f"mpicasa {n} one thread"] = one
+                rows.append(_row(f"{gridder}: mpicasa -n {n + 1}, 1 thread", one, serial))
     print(
         f"\nMS: {args.nant} antennas, {args.nint} integrations x 2 spw x {args.nchan} ch; "
         f"cube {args.imsize}^2 niter=0; {cores} cores; load after: {loadavg()[0]:.1f}\n"
