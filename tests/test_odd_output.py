@@ -369,7 +369,8 @@ def _fill_when(path, folder) -> threading.Thread:
 def test_a_write_error_on_a_full_disk_is_a_full_disk_whatever_errno_said(small_disk, tmp_path):
     """casacore words a failed write with errno as it is later: a server that
     died of "write error ... No such file or directory" on a full file system
-    died of the full disk (its job is not run again), elsewhere it did not."""
+    died of the full disk (its job is not run again), elsewhere it did not; a
+    server whose last words were lost died of it when the call writes there."""
     from casa_kernel.casa.outputs import full_disk_death
 
     words = "casacore::AipsError: FilebufIO: write error for file {}/table.dat_tmp: {}"
@@ -379,6 +380,12 @@ def test_a_write_error_on_a_full_disk_is_a_full_disk_whatever_errno_said(small_d
     assert full_disk_death(words.format(tmp_path / "a.ms", "No space left on device"))
     assert not full_disk_death(words.format(tmp_path / "a.ms", missing))
     assert not full_disk_death(f"server rank 1 died of signal 6: {missing}")
+    # its last words lost (cut, or mixed with another rank's: seen in CI), the
+    # task call's outputs on the full file system say it
+    lost = "server rank 0 on vm died of signal 6 (Aborted), in open (mstransformer.py:176)"
+    assert full_disk_death(lost, [str(small_disk / "out.mms")])
+    assert not full_disk_death(lost, [str(tmp_path / "out.mms")])
+    assert not full_disk_death(lost)
 
 
 @pytest.mark.parametrize("task", ["split", "mstransform", "partition"])

@@ -136,16 +136,19 @@ def full_disk(
 NEARLY_FULL = 1 << 20
 
 
-def full_disk_death(cause: str) -> bool:
+def full_disk_death(cause: str, writes: list[str] | tuple[str, ...] = ()) -> bool:
     """A server's death that a full disk caused: its last words say so, or are
     casacore's failed write of a file on a file system with (almost) nothing
-    free. casacore words that error with ``errno`` as it is when the message is
-    made, not as the write left it: seen as "No such file or directory" for a
-    write on a full tmpfs."""
+    free, or are lost (cut, or mixed with another rank's) while the task call's
+    outputs (``writes``) are on one. casacore words that error with ``errno`` as
+    it is when the message is made, not as the write left it: seen as "No such
+    file or directory" for a write on a full tmpfs."""
     if FULL_DISK in cause:
         return True
     match = re.search(r"write error for file (/\S+?):", cause)
-    return match is not None and _free(match.group(1)) < NEARLY_FULL
+    if match is not None:
+        return _free(match.group(1)) < NEARLY_FULL
+    return any(_free(path) < NEARLY_FULL for path in writes)
 
 
 def _free(path: str) -> int:

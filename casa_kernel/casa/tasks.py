@@ -55,6 +55,12 @@ def record_failure(failure: ServerFailure) -> None:
         failures.append(failure)
 
 
+def writing() -> list[str]:
+    """Where the task call in progress in this thread writes ([] outside one):
+    a server that dies while that is on a full disk died of it."""
+    return list(getattr(_local, "writes", None) or [])
+
+
 def forget_failures() -> None:
     """The current call starts over (after its servers died): what failed in the
     lost attempt is not this call's failure."""
@@ -158,6 +164,7 @@ class CasaTask:
         outputs = CallOutputs.of(params)
         outputs.check_space(self.name, params)
         _local.failures = failures = []
+        _local.writes = outputs.written
         route = routes.get(self.name)
         try:
             ret = route(task, args, kwargs) if route else task(*args, **kwargs)
@@ -171,7 +178,7 @@ class CasaTask:
             outputs.remove()
             raise
         finally:
-            _local.failures = None
+            _local.failures = _local.writes = None
         real = [
             f for f in failures if not any(b in f.traceback + f.evalue for b in _BENIGN_FAILURES)
         ]

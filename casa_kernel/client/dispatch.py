@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from casa_kernel.casa.outputs import full_disk_death
+from casa_kernel.casa.tasks import writing
 from casa_kernel.client.interrupts import Interrupts, say
 from casa_kernel.client.jobs import (
     Handle,
@@ -170,7 +171,7 @@ class Dispatcher:
                     cause = self.cluster.recover(current if ended else min(died_in))
                     # a full disk fails the same write the same way again; the
                     # same work needs the same memory
-                    full_disk = full_disk_death(cause) or OOM_KILLED in cause
+                    full_disk = full_disk_death(cause, writing()) or OOM_KILLED in cause
                     kept = [i for i in lost if full_disk or not jobs[i].rerun]
                     tries.update({i: recoveries for i in kept})
                     lost = [i for i in lost if i not in tries]

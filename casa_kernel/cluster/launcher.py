@@ -128,9 +128,11 @@ _EXITED = re.compile(r"Process name:\s*\[[^\]]*?,(?P<rank>\d+)\]\s*Exit code:\s*
 # A C++ exception nothing caught (casacore throws from destructors: a table
 # flushed on a full disk), the process's last words before SIGABRT:
 # "terminate called after throwing an instance of 'casacore::AipsError'\n  what():  ..."
+# prterun forwards each rank's lines as they come: when two servers abort at
+# once (a full disk), another rank's lines can fall between the two.
 _TERMINATED = re.compile(
     r"terminate called after throwing an instance of '(?P<type>[^']+)'"
-    r"\s*\n\s*what\(\):\s*(?P<what>[^\n]*)"
+    r"[^\n]*\n(?:[^\n]*\n){0,20}?\s*what\(\):\s*(?P<what>[^\n]*)"
 )
 
 

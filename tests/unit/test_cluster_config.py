@@ -181,6 +181,18 @@ def test_find_mpiexec_refuses_a_file_that_is_not_executable(tmp_path):
             "server rank 1 on vm died of signal 6 (Aborted): casacore::AipsError: "
             "FilebufIO: write error for file /small/o.ms/table.dat_tmp: No space left on device",
         ),
+        (
+            # two servers abort at once: prterun forwards their lines as they come
+            "terminate called after throwing an instance of 'casacore::AipsError'\n"
+            "Fatal Python error: Aborted\n\n"
+            "Current thread 0x00007f2c3ca7ab80 (most recent call first):\n"
+            "  what():  FilebufIO: write error for file /small/o.ms/table.dat_tmp: "
+            "No space left on device\n"
+            "prterun noticed that process rank 0 with PID 9 on node vm exited on\n"
+            "signal 6 (Aborted).",
+            "server rank 0 on vm died of signal 6 (Aborted): casacore::AipsError: "
+            "FilebufIO: write error for file /small/o.ms/table.dat_tmp: No space left on device",
+        ),
     ],
 )
 def test_death_cause_reads_prterun(output, expected):
