@@ -9,10 +9,12 @@ pixel by pixel, and the return dictionary must be serial's.
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -553,6 +555,55 @@ def test_interrupt_during_cube_stops_every_server_and_leaves_no_image(root, kern
     assert status.result.count("idle") == 3, status.result  # 2 servers, the cube client
     again = execute(kernel, "%%casa_parallel\nrank")
     assert again.status == "ok" and again.result == "[0, 1]", again.error
+
+
+SHORT_CUBE = dict(COMMON, specmode="cube", spw="0", niter=30)
+
+
+def _cube_workers(kernel) -> list[int]:
+    """The pids of the cube's workers (the servers; CASA's cube client is not one)."""
+    pids = execute(kernel, "%%casa_parallel\nimport os\nos.getpid()")
+    assert pids.status == "ok", pids.error
+    return ast.literal_eval(pids.result)
+
+
+def test_workers_interrupted_while_a_cube_starts_follow_their_client(root, kernel):
+    """The kernel signals the cube client and its workers one after the other: a
+    worker may get SIGINT while it waits for the client's word, the client only
+    after it said "start". Such a worker still serves the cube (the client ends
+    an interrupted cube and releases its workers). It used to raise as soon as
+    Python ran again: right after the word "start" (never entering CASA's
+    initmpi(): the client waited for it for ever) or after initmpi() (seen here:
+    the cube failed with KeyboardInterrupt on both workers though the client was
+    never interrupted). Here only the workers get SIGINT, while the fresh cube
+    client imports CASA."""
+    reply = execute(kernel, "%casa_cluster restart")
+    assert reply.status == "ok", reply.error
+    workers = _cube_workers(kernel)
+    timers: list[threading.Timer] = []
+
+    def when_dispatched(reply) -> None:
+        if not timers and "channels gridded by" in reply.stderr:
+            for delay in (0.3, 1.0):
+                for pid in workers:
+                    timers.append(threading.Timer(delay, os.kill, (pid, signal.SIGINT)))
+            for timer in timers:
+                timer.start()
+
+    args = ", ".join(f"{k}={v!r}" for k, v in SHORT_CUBE.items())
+    reply = execute(
+        kernel,
+        f"tclean(vis='obs.ms', imagename='held', {args})",
+        timeout=120,
+        on_output=when_dispatched,
+    )
+    for timer in timers:
+        timer.join()
+    assert timers, reply.stderr
+    assert reply.status == "ok", reply.error + reply.traceback
+    assert "new servers" not in reply.stderr, reply.stderr
+    assert os.path.isdir(root / "held.image")
+    assert _cube_workers(kernel) == workers  # the same servers, none replaced
 
 
 def test_cube_on_one_server_runs_serially_in_the_kernel_equal_to_serial(root, kernel):

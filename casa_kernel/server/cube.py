@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from casa_kernel.casa.outputs import image_products
@@ -33,6 +37,28 @@ def limit_threads(servers_on_host: int) -> int:
 
 
 _START, _SKIP = "initmpi", "skip"
+
+
+@contextmanager
+def _interrupts_held(reraise: bool) -> Iterator[None]:
+    """SIGINT recorded instead of raised inside; raised as KeyboardInterrupt when
+    it ends if one came and ``reraise``.
+
+    Python raises KeyboardInterrupt at the first bytecode after the C call the
+    signal came in: between an MPI call that returned and the line that records
+    what it did, the client and its workers would disagree on where they are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signal handlers are the main thread's; cells run there)
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if came and reraise:
+        raise KeyboardInterrupt
 
 
 def _remove_lost_attempt(imagename: Any, keep: list[str]) -> None:
@@ -58,19 +84,28 @@ def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) 
 
 
 def cpp_server(cwd: str) -> None:
-    """Serve rank 0's C++ imaging client until it releases us."""
+    """Serve rank 0's C++ imaging client until it releases us.
+
+    Interrupts go through the client: it ends an interrupted cube and releases
+    its workers (or tells them to skip it). A worker that stopped by itself,
+    interrupted while it waited for the client's word and raising as soon as
+    the word was "start", would never enter ``initmpi()`` and leave the
+    client's C++ waiting for it for ever (the kernel signals every process of
+    the call, not all in the same millisecond).
+    """
     from mpi4py import MPI
 
     os.chdir(cwd)
-    # rank 0 says whether the task went C++-parallel (casatasks decides inside)
-    if MPI.COMM_WORLD.bcast(None, root=0) == _START:
-        from casatools import synthesisimager
+    with _interrupts_held(reraise=False):
+        # rank 0 says whether the task went C++-parallel (casatasks decides inside)
+        if MPI.COMM_WORLD.bcast(None, root=0) == _START:
+            from casatools import synthesisimager
 
-        si = synthesisimager()
-        try:
-            si.initmpi()  # returns when the client calls releasempi()
-        finally:
-            si.done()
+            si = synthesisimager()
+            try:
+                si.initmpi()  # returns when the client calls releasempi()
+            finally:
+                si.done()
 
 
 def cpp_client(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
@@ -106,8 +141,11 @@ def _as_cpp_client(
             # The other servers make and start their own synthesisimager
             # (cpp_server); the import and constructor commands need nothing.
             if CPP_MPI_COMMAND in command and not started:
-                comm.bcast(_START, root=0)
-                started.append(True)
+                # the workers were told to start: that must be recorded (the
+                # finally then releases them, not tell them to skip)
+                with _interrupts_held(reraise=True):
+                    comm.bcast(_START, root=0)
+                    started.append(True)
 
     class _Interface:
         _cluster = _Core()
