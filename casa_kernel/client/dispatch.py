@@ -141,13 +141,15 @@ class Dispatcher:
                     for i, handle in zip(unplaced, resent):
                         handles[i] = handle
                     continue
-                world = set(self.cluster.servers)  # OpenMPI ends the whole world
+                engines = set(self.cluster.servers)  # OpenMPI ends the whole world
                 kinds = {i: h.kind() for i, h in enumerate(handles) if i not in tries}
                 died_in = [handles[i].world for i, k in kinds.items() if k == "died"]
                 current = self.cluster.world
                 ended = world_ended(died_in, current, self._servers_missing())
                 lost = [
-                    i for i, k in kinds.items() if is_lost(k, handles[i].engine_id(), world, ended)
+                    i
+                    for i, k in kinds.items()
+                    if is_lost(k, handles[i].engine_id(), engines, ended)
                 ]
                 if not lost:
                     break

@@ -120,13 +120,14 @@ def classify(exc: BaseException) -> str:
     return "failed"
 
 
-def is_lost(kind: str | None, engine: int | None, world: set[int], ended: bool = True) -> bool:
-    """A job to run again: it died with its server, or was running in ``world``
-    when that MPI world ended (``ended``). Jobs queued in the load-balancer (no
-    engine yet) are not lost: they go to the new servers by themselves."""
+def is_lost(kind: str | None, engine: int | None, engines: set[int], ended: bool = True) -> bool:
+    """A job to run again: it died with its server, or was running on one of
+    ``engines`` (the current MPI world's servers) when that world ended
+    (``ended``). Jobs queued in the load-balancer (no engine yet) are not lost:
+    they go to the new servers by themselves."""
     if kind is not None:
         return kind == "died"
-    return ended and engine is not None and engine in world
+    return ended and engine is not None and engine in engines
 
 
 def world_ended(died_in: list[int], current: int, missing: bool) -> bool:

@@ -80,7 +80,7 @@ def test_classify_by_type(exc, kind):
 
 
 @pytest.mark.parametrize(
-    "kind, engine, world, lost",
+    "kind, engine, engines, lost",
     [
         ("died", 0, {0, 1}, True),  # died with its server
         ("ok", 0, {0, 1}, False),  # finished before the death: never re-run
@@ -91,8 +91,8 @@ def test_classify_by_type(exc, kind):
         (None, 5, {0, 1}, False),  # already running on a new server
     ],
 )
-def test_lost_jobs(kind, engine, world, lost):
-    assert is_lost(kind, engine, world) is lost
+def test_lost_jobs(kind, engine, engines, lost):
+    assert is_lost(kind, engine, engines) is lost
 
 
 def test_a_running_job_is_not_lost_while_its_world_goes_on():
