@@ -584,7 +584,7 @@ def test_workers_interrupted_while_a_cube_starts_follow_their_client(root, kerne
 
     def when_dispatched(reply) -> None:
         if not timers and "channels gridded by" in reply.stderr:
-            for delay in (0.3, 1.0):
+            for delay in (1.0, 2.0):  # the workers wait: the client imports CASA (~3 s)
                 for pid in workers:
                     timers.append(threading.Timer(delay, os.kill, (pid, signal.SIGINT)))
             for timer in timers:

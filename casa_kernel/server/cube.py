@@ -93,10 +93,10 @@ def cpp_server(cwd: str) -> None:
     client's C++ waiting for it for ever (the kernel signals every process of
     the call, not all in the same millisecond).
     """
-    from mpi4py import MPI
-
-    os.chdir(cwd)
     with _interrupts_held(reraise=False):
+        from mpi4py import MPI
+
+        os.chdir(cwd)
         # rank 0 says whether the task went C++-parallel (casatasks decides inside)
         if MPI.COMM_WORLD.bcast(None, root=0) == _START:
             from casatools import synthesisimager
