@@ -110,7 +110,7 @@ def full_disk(
     """
     said = [f for f in failures if FULL_DISK in f.evalue + f.traceback]
     target = made[0] if made else None
-    full_now = target is not None and _free(target) < NEARLY_FULL
+    full_now = target is not None and _nearly_full(target)
     if not said and FULL_DISK not in text and not full_now:
         return None
     failure = (said or failures or [None])[0]
@@ -147,8 +147,13 @@ def full_disk_death(cause: str, writes: list[str] | tuple[str, ...] = ()) -> boo
         return True
     match = re.search(r"write error for file (/\S+?):", cause)
     if match is not None:
-        return _free(match.group(1)) < NEARLY_FULL
-    return any(_free(path) < NEARLY_FULL for path in writes)
+        return _nearly_full(match.group(1))
+    return any(_nearly_full(path) for path in writes)
+
+
+def _nearly_full(path: str) -> bool:
+    """The file system that holds (or would hold) ``path`` has (almost) nothing free."""
+    return _free(path) < NEARLY_FULL
 
 
 def _free(path: str) -> int:
