@@ -8,10 +8,12 @@ memory cgroup of their own (cgroup v1 or v2, root only) with a small limit.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,12 +131,21 @@ def _remove_cgroup(folder: Path) -> None:
     folder.rmdir()
 
 
-def test_a_server_killed_by_the_oom_killer_is_said_and_replaced(tmp_path):
-    """Kernel and servers in a 700 MB cgroup (CASA not preloaded: ~350 MB in all);
-    a cell that makes rank 1 take 900 MB. The OOM killer takes the server (servers
-    ask to be its first choice), never the kernel; the cell says why, the next
-    cell runs on new servers."""
-    folder = _memory_cgroup(700 * 2**20)
+# Rank 1 takes the memory in both tests. The killer may take a second process
+# before the first one's memory is freed, and mpiexec names only the death it saw
+# first: then the kernel says how many it took.
+OOM_SAID = re.compile(
+    r"server rank 1 on \S+ was killed by the out-of-memory killer"
+    r"|\d+ of the servers' processes were killed by the out-of-memory killer, "
+    r"(server rank \d|CASA's cube client) the first mpiexec saw"
+)
+
+
+@contextlib.contextmanager
+def _kernel_in_cgroup(tmp_path: Path, limit: int) -> Iterator[tuple[KernelManager, object]]:
+    """A real kernel (2 servers, CASA not preloaded) and everything it starts in a
+    memory cgroup of ``limit`` bytes; killed and the cgroup removed after."""
+    folder = _memory_cgroup(limit)
     km = KernelManager(kernel_name="")
     km._kernel_spec = KernelSpec(
         argv=[
@@ -153,19 +164,7 @@ def test_a_server_killed_by_the_oom_killer_is_said_and_replaced(tmp_path):
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=120)
-        pids = _values(execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=180))
-        grab = "%%casa_parallel\nif rank == 1:\n    big = b'x' * (900 * 2**20)\nrank"
-        reply = execute(kc, grab, timeout=240)
-        assert reply.status == "error", reply.result
-        assert "server rank 1 on" in reply.evalue, reply.evalue
-        assert "was killed by the out-of-memory killer" in reply.evalue, reply.evalue
-        # how full its memory cgroup was (this test's 700 MB group): the peak and limit
-        assert re.search(r"held up to \d+ MiB of its 700 MiB limit", reply.evalue), reply.evalue
-        assert "Use fewer servers per host" in reply.evalue
-        assert "re-ran" not in reply.stderr  # the same work would need the same memory
-        assert km.is_alive()  # the OOM killer took a server, not the kernel
-        again = _values(execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=180))
-        assert len(again) == 2 and not set(again) & set(pids)
+        yield km, kc
     finally:
         kc.stop_channels()
         pid = kernel_pid(km) if km.has_kernel else None
@@ -174,6 +173,69 @@ def test_a_server_killed_by_the_oom_killer_is_said_and_replaced(tmp_path):
             for proc in cluster_processes(pid):
                 proc.kill()
         _remove_cgroup(folder)
+
+
+def test_a_server_killed_by_the_oom_killer_is_said_and_replaced(tmp_path):
+    """Kernel and servers in a 700 MB cgroup (CASA not preloaded: ~350 MB in all);
+    a cell that makes rank 1 take 900 MB. The OOM killer takes the server (servers
+    ask to be its first choice), never the kernel; the cell says why, the next
+    cell runs on new servers."""
+    with _kernel_in_cgroup(tmp_path, 700 * 2**20) as (km, kc):
+        pids = _values(execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=180))
+        grab = "%%casa_parallel\nif rank == 1:\n    big = b'x' * (900 * 2**20)\nrank"
+        reply = execute(kc, grab, timeout=240)
+        assert reply.status == "error", reply.result
+        assert OOM_SAID.search(reply.evalue), reply.evalue
+        # how full its memory cgroup was (this test's 700 MB group): the peak and limit
+        assert re.search(r"held up to \d+ MiB of its 700 MiB limit", reply.evalue), reply.evalue
+        assert "Use fewer servers per host" in reply.evalue
+        assert "re-ran" not in reply.stderr  # the same work would need the same memory
+        assert km.is_alive()  # the OOM killer took a server, not the kernel
+        again = _values(execute(kc, "%%casa_parallel\nimport os\nos.getpid()", timeout=180))
+        assert len(again) == 2 and not set(again) & set(pids)
+
+
+# A thread on server rank 1 (one of a cube's two workers) that takes more memory
+# than the whole cgroup has once the cube's psf image exists: the OOM killer then
+# takes that worker in the middle of CASA's cube imaging.
+GRAB_DURING_CUBE = """%%casa_parallel
+import os, threading, time
+def _grab():
+    while not os.path.exists("oomcube.psf"):
+        time.sleep(0.05)
+    global _big
+    _big = b"x" * (2000 * 2**20)
+if rank == 1:
+    threading.Thread(target=_grab, daemon=True).start()
+rank
+"""
+
+
+def test_a_cube_worker_killed_by_the_oom_killer_ends_the_call_with_no_half_image(tmp_path):
+    """Issue 20: a server the OOM killer takes while it images a cube ends the call
+    with an error that says so (rank, host, its cgroup's memory, its share, what to
+    do), is not re-run, and leaves none of the cube's images; new servers next."""
+    from casa_kernel.casa.simulate import simulate_ms
+
+    simulate_ms(tmp_path / "obs.ms", nant=8, nchan=8, nint=40, nscans=2)
+    with _kernel_in_cgroup(tmp_path, 1500 * 2**20) as (km, kc):
+        assert _values(execute(kc, GRAB_DURING_CUBE, timeout=180)) == [0, 1]
+        cube = (
+            "tclean(vis='obs.ms', imagename='oomcube', specmode='cube', spw='0', imsize=128, "
+            "cell='8arcsec', niter=400, cycleniter=20, threshold='0mJy')"
+        )
+        reply = execute(kc, cube, timeout=300)
+        assert reply.status == "error", reply.stdout[-2000:]
+        said = reply.evalue + reply.stderr
+        assert OOM_SAID.search(said), said[-3000:]
+        assert re.search(r"CASA planned for [\d.]+ GiB on it", said), said[-3000:]
+        assert re.search(r"held up to \d+ MiB of its 1500 MiB limit", said), said[-3000:]
+        assert "Use fewer servers per host" in said
+        assert "re-ran" not in reply.stderr
+        assert not list(tmp_path.glob("oomcube*")), sorted(os.listdir(tmp_path))
+        assert km.is_alive()
+        again = _values(execute(kc, "%%casa_parallel\nrank", timeout=180))
+        assert again == [0, 1]
 
 
 def test_memory_settings_parse():

@@ -346,3 +346,32 @@ def test_outside_python_keeps_only_what_c_code_wrote():
     )
     assert outside_python(output) == "fd2 \ufffd\nhello from fd1 0"
     assert outside_python("2026-12-06 23:27:16.547 [IPEngine.1.1] Handling x\n") == ""
+
+
+@pytest.mark.parametrize(
+    "kills, said",
+    [
+        (1, "server rank 1 on vm was killed by the out-of-memory killer (CASA planned for 0.5 GiB"),
+        (
+            2,
+            "2 of the servers' processes were killed by the out-of-memory killer, "
+            "server rank 1 on vm the first mpiexec saw (CASA planned for 0.5 GiB on each",
+        ),
+        (0, ""),  # the count did not move: another death
+    ],
+)
+def test_an_out_of_memory_death_says_how_many_the_killer_took(tmp_path, kills, said):
+    """mpiexec names the first death it saw; when the cgroup's count says the
+    killer took more than one process, the cause says so."""
+    from types import SimpleNamespace
+
+    from casa_kernel.cluster.launcher import out_of_memory
+
+    (tmp_path / "memory.events").write_text(f"low 0\noom {kills}\noom_kill {3 + kills}\n")
+    (tmp_path / "memory.peak").write_text(str(1500 * 2**20))
+    (tmp_path / "memory.max").write_text(str(1500 * 2**20))
+    server = SimpleNamespace(cgroup=str(tmp_path), oom_kills=3, memory_share=2**29)
+    text = out_of_memory("server rank 1 on vm died of signal 9 (Killed)", [server])
+    assert text.startswith(said)
+    if kills:
+        assert "held up to 1500 MiB of its 1500 MiB limit). Use fewer servers per host" in text
