@@ -105,7 +105,12 @@ def assert_products_equal(
     parallel: str,
     mask_pixels_may_differ: float = 0.0,
     required: tuple[str, ...] = (".image", ".residual", ".psf", ".pb", ".sumwt"),
+    exact: bool = False,
 ) -> None:
+    """Every product of ``parallel`` equals ``serial``'s within 1e-3 of the serial
+    peak, or bit for bit when ``exact`` (cubes: CASA's C++ channel parallelism
+    runs serial's arithmetic per channel); an auto-multithresh mask may differ in
+    ``mask_pixels_may_differ`` of its pixels."""
     names = {os.path.basename(p)[len(serial) :] for p in glob.glob(str(root / serial) + ".*")}
     assert set(required) <= names, names
     theirs = {os.path.basename(p)[len(parallel) :] for p in glob.glob(str(root / parallel) + ".*")}
@@ -134,7 +139,9 @@ def assert_products_equal(
         print(f"{parallel}{ext}: max |diff| / peak = {worst / peak:.2e} ({n} pixels over)")
         if _kind(ext).endswith(".mask") and n <= mask_pixels_may_differ * a.size:
             continue
-        if worst > 1e-3 * peak:
+        if exact and worst != 0.0:
+            bad.append(f"{ext}: not bit-equal, max |diff| {worst:g} (peak {peak:g})")
+        elif worst > 1e-3 * peak:
             bad.append(f"{ext}: max |diff| {worst:g} > 1e-3 x peak {peak:g} at {n} pixels")
     assert not bad, bad
 
@@ -160,10 +167,10 @@ def assert_returns_equal(serial, parallel, scale: float, path: str = "ret") -> N
         assert serial == parallel, path
 
 
-def _case(root, kernel, name, mask_pixels_may_differ=0.0, **params):
+def _case(root, kernel, name, mask_pixels_may_differ=0.0, exact=False, **params):
     serial = _serial(root, f"s_{name}", **COMMON, **params)
     parallel = _in_kernel(kernel, f"p_{name}", **COMMON, **params)
-    assert_products_equal(root, f"s_{name}", f"p_{name}", mask_pixels_may_differ)
+    assert_products_equal(root, f"s_{name}", f"p_{name}", mask_pixels_may_differ, exact=exact)
     scale = float(np.abs(_pixels(str(root / f"s_{name}.image"))).max())
     assert_returns_equal(serial, parallel, scale)
     return serial, parallel
@@ -321,7 +328,9 @@ def test_deconvolve_on_a_cube_with_servers_equals_without(root, kernel):
     serial = _serial_task(root, "deconvolve", imagename="s_dc", **params)
     parallel = _call_in_kernel(kernel, "deconvolve", imagename="p_dc", **params)
     assert "cube client (world rank 0 on" in LAST["reply"].stderr
-    assert_products_equal(root, "s_dc", "p_dc", required=(".image", ".residual", ".model"))
+    assert_products_equal(
+        root, "s_dc", "p_dc", required=(".image", ".residual", ".model"), exact=True
+    )
     scale = float(np.abs(_pixels(str(root / "s_dc.image"))).max())
     assert_returns_equal(serial, parallel, scale)
 
@@ -337,10 +346,11 @@ def test_deconvolve_on_one_channel_stays_serial_in_the_kernel(root, kernel):
     serial = _serial_task(root, "deconvolve", imagename="s_d1", **params)
     parallel = _call_in_kernel(kernel, "deconvolve", imagename="p_d1", **params)
     assert "cube client" not in LAST["reply"].stderr, LAST["reply"].stderr
-    assert_products_equal(root, "s_d1", "p_d1", required=(".image", ".residual", ".model"))
+    assert_products_equal(
+        root, "s_d1", "p_d1", required=(".image", ".residual", ".model"), exact=True
+    )
     scale = float(np.abs(_pixels(str(root / "s_d1.image"))).max())
     assert_returns_equal(serial, parallel, scale)
-    assert DIFFS["p_d1"][".image"] == 0.0  # the same serial code: bit-equal
 
 
 def test_sdintimaging_with_servers_equals_without(root, kernel):
@@ -352,14 +362,16 @@ def test_sdintimaging_with_servers_equals_without(root, kernel):
     assert "cube client (world rank 0 on" in LAST["reply"].stderr
     images = sorted(os.path.basename(p)[len("s_sdi") :] for p in glob.glob(str(root / "s_sdi.*")))
     main = next(ext for ext in images if ext.endswith(".image"))
-    assert_products_equal(root, "s_sdi", "p_sdi", required=(main,))
+    assert_products_equal(root, "s_sdi", "p_sdi", required=(main,), exact=True)
     scale = float(np.abs(_pixels(str(root / f"s_sdi{main}"))).max())
     assert_returns_equal(serial, parallel, scale)
 
 
 @pytest.mark.second_release
 def test_cube_equals_serial_and_servers_share_channels(root, kernel, casa_log_dir):
-    serial, _ = _case(root, kernel, "cube", specmode="cube", spw="0", niter=60, weighting="natural")
+    serial, _ = _case(
+        root, kernel, "cube", exact=True, specmode="cube", spw="0", niter=60, weighting="natural"
+    )
     assert serial["iterdone"] > 0
     assert "cube client (world rank 0 on" in LAST["reply"].stderr
     # both servers served CASA's C++ cube client, world rank 0 (initmpi renames
@@ -385,7 +397,9 @@ def test_cube_after_parallel_continuum_on_the_same_servers_equals_serial(root, k
 
     _in_kernel(kernel, "cc_mfs", **dict(COMMON, specmode="mfs", niter=20, parallel=True))
     before = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
-    _case(root, kernel, "cc_cube", specmode="cube", spw="0", niter=60, weighting="natural")
+    _case(
+        root, kernel, "cc_cube", exact=True, specmode="cube", spw="0", niter=60, weighting="natural"
+    )
     assert "starting fresh servers first" not in LAST["reply"].stderr
     after = ast.literal_eval(execute(kernel, "%%casa_parallel\nimport os\nos.getpid()").result)
     assert before == after
@@ -397,7 +411,7 @@ def test_mtmfs_via_cube_goes_cpp_parallel_equal_to_serial(root, kernel):
     serial = _serial(root, "s_mvc", **COMMON, **params)
     parallel = _in_kernel(kernel, "p_mvc", **COMMON, **params)
     assert "cube client (world rank 0 on" in LAST["reply"].stderr
-    assert_products_equal(root, "s_mvc", "p_mvc", required=(".image.tt0", ".image.tt1"))
+    assert_products_equal(root, "s_mvc", "p_mvc", required=(".image.tt0", ".image.tt1"), exact=True)
     scale = float(np.abs(_pixels(str(root / "s_mvc.image.tt0"))).max())
     assert_returns_equal(serial, parallel, scale)
 
@@ -419,6 +433,7 @@ def test_cube_auto_multithresh_briggs_equals_serial(root, kernel):
         # of 32768 pixels here; mpicasa's (casampi, mpiexec -n 3) differs in the
         # same 13; image, residual and model are bit-equal
         mask_pixels_may_differ=1e-3,
+        exact=True,
     )
     assert serial["iterdone"] > 0
 
@@ -445,7 +460,7 @@ def test_tclean_imported_from_casatasks_sends_a_cube_to_the_servers(root, kernel
         kernel, "mpicasa_tclean", vis="obs.ms", imagename="p_imported", **params
     )
     assert "cube client (world rank 0 on" in LAST["reply"].stderr
-    assert_products_equal(root, "s_imported", "p_imported")
+    assert_products_equal(root, "s_imported", "p_imported", exact=True)
     scale = float(np.abs(_pixels(str(root / "s_imported.image"))).max())
     assert_returns_equal(serial, parallel, scale)
 
@@ -482,7 +497,7 @@ def test_killed_server_during_cube_costs_no_result(root, kernel):
     parallel = _in_kernel(kernel, "p_kill", **dict(COMMON, **params))
     killer.join()
     assert "re-ran" in LAST["reply"].stderr, LAST["reply"].stderr[-2000:]
-    assert_products_equal(root, "s_kill", "p_kill")
+    assert_products_equal(root, "s_kill", "p_kill", exact=True)
     scale = float(np.abs(_pixels(str(root / "s_kill.image"))).max())
     assert_returns_equal(serial, parallel, scale)
 
@@ -609,7 +624,7 @@ def test_workers_interrupted_while_a_cube_starts_follow_their_client(root, kerne
 def test_cube_on_one_server_runs_serially_in_the_kernel_equal_to_serial(root, kernel):
     reply = execute(kernel, "%casa_cluster restart -n 2")
     assert reply.status == "ok", reply.error
-    _case(root, kernel, "c1", specmode="cube", spw="0", niter=30)
+    _case(root, kernel, "c1", exact=True, specmode="cube", spw="0", niter=30)
     assert "runs serially in the kernel" in LAST["reply"].stderr
     reply = execute(kernel, "%casa_cluster restart -n 3")
     assert reply.status == "ok", reply.error
