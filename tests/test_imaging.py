@@ -632,9 +632,16 @@ def test_cube_on_one_server_runs_serially_in_the_kernel_equal_to_serial(root, ke
 
 def test_serial_mfs_runs_on_a_server_equal_to_serial(root, kernel, casa_log_dir):
     """With servers, a serial tclean runs on one of them, not in the kernel
-    (issue 21: a full disk aborts the process that writes an image)."""
+    (issue 21: a full disk aborts the process that writes an image), with every
+    core of its host; the server's OpenMP threads are what they were after it."""
+    threads = "%%casa_parallel\nimport casatasks\ncasatasks.casalog.ompGetNumThreads()"
+    reply = execute(
+        kernel, "%%casa_parallel\nimport casatasks\ncasatasks.casalog.ompSetNumThreads(1)"
+    )
+    assert reply.status == "ok", reply.error
     serial, _ = _case(root, kernel, "smfs", specmode="mfs", niter=40)
     assert serial["iterdone"] > 0
+    assert execute(kernel, threads).result == "[1, 1]"
     pid = kernel_pid(kernel.km)
 
     def log(role: str) -> str:

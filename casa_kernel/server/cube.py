@@ -75,12 +75,18 @@ def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) 
     Image products other than ``keep`` (those that existed before the call) are
     left-overs of an attempt lost with its server: removed first.
     """
+    from casa_kernel.casa.tasks import _casatasks
     from casa_kernel.server.engine import run_casa_task
 
     os.chdir(cwd)
     _remove_lost_attempt(params.get("imagename"), keep)
+    casalog = _casatasks().casalog
+    before = casalog.ompGetNumThreads()
     limit_threads(1)
-    return run_casa_task(name, params, None, cwd)
+    try:
+        return run_casa_task(name, params, None, cwd)
+    finally:  # the next cell on this server shares the host again
+        casalog.ompSetNumThreads(before)
 
 
 def cpp_server(cwd: str) -> None:
