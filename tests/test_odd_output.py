@@ -478,6 +478,25 @@ def test_disk_filling_while_tclean_writes_is_said_and_the_kernel_lives(kc, tiny_
     _alive(kc)
 
 
+def test_disk_filling_while_a_cube_is_imaged_is_said_and_the_kernel_lives(kc, tiny_ms, disk):
+    """A cube goes to CASA's cube client, a process of the servers' mpiexec: a
+    full disk aborts it (or a worker), never the kernel; no half image is left."""
+    image = disk / "cube"
+    filler = _fill_when(f"{image}.psf", disk)
+    reply = execute(
+        kc,
+        f"tclean(vis={tiny_ms!r}, imagename={str(image)!r}, imsize=512, cell='8arcsec', "
+        "specmode='cube', niter=200)",
+        timeout=240,
+    )
+    filler.join(timeout=60)
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.error
+    assert reply.evalue.startswith(f"tclean: no space left on {disk} writing {image}")
+    assert re.search(r"(CASA's cube client|server rank \d) on \S+ died of signal", reply.evalue)
+    assert sorted(os.listdir(disk)) == ["filler"]  # no half image
+    _alive(kc)
+
+
 def test_output_of_c_code_is_said_once_with_where_it_is_kept(tmp_path):
     """What servers write to file descriptors 1/2 outside Python (C code) is not in
     the cell (CASA echoes its log there, relayed from the log file): the first
