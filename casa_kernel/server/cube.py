@@ -85,7 +85,7 @@ def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) 
     limit_threads(1)
     try:
         return run_casa_task(name, params, None, cwd)
-    finally:  # the next cell on this server shares the host again
+    finally:  # later cells on this server run with the threads they had before
         casalog.ompSetNumThreads(before)
 
 
