@@ -102,6 +102,10 @@ class RemoteTraceback(Exception):
         return "\n" + self.text.rstrip()
 
 
+# How the part of a serial call that writes a new MS is named ("output out.ms").
+SERIAL_OUTPUT = "output "
+
+
 class ServerFailure(CasaKernelError):
     """One failed piece of work: where it ran (rank, host, sub-MS) and why.
 
@@ -132,10 +136,13 @@ class ServerFailure(CasaKernelError):
 
     def part(self) -> str:
         """The part of the work that failed: 'sub-MS <path>', or what it was
-        (an imager's data partition, images, the assembly of a Multi-MS)."""
+        (an imager's data partition, images, the assembly of a Multi-MS, the
+        output of a serial call)."""
         if not self.submms:
             return ""
-        return f"sub-MS {self.submms}" if self.submms.endswith(".ms") else self.submms
+        if self.submms.endswith(".ms") and not self.submms.startswith(SERIAL_OUTPUT):
+            return f"sub-MS {self.submms}"
+        return self.submms
 
     def headline(self) -> str:
         if self.rank is None:  # lost with a server whose rank was not known

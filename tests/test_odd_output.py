@@ -19,7 +19,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernels import execute, kernel_env, running_kernel
+from kernels import execute, kernel_env, kernel_pid, running_kernel
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -445,6 +445,86 @@ def test_disk_filling_while_a_task_writes_is_said_and_the_kernel_lives(
     # would fail the same way)
     assert "re-ran" not in reply.stderr, reply.stderr
     _alive(kc)
+
+
+@pytest.fixture(scope="module")
+def plain_ms(tmp_path_factory, casa_env) -> str:
+    """A plain MS of ~15 MB (64 channels): a split of it does not fit in 256 KB."""
+    from casa_kernel.casa.simulate import simulate_ms
+
+    folder = tmp_path_factory.mktemp("plain")
+    return simulate_ms(folder / "plain.ms", nant=8, nchan=64, nint=40, nscans=2)
+
+
+def _linked(ms: str, into) -> str:
+    """A copy of plain MS ``ms`` whose big data files are links to the original's
+    (past the space pre-check, as in _data_as_links)."""
+    copy = into / "linked.ms"
+    shutil.copytree(ms, copy, symlinks=True)
+    for data in copy.glob("table.f*"):
+        if data.is_file() and data.stat().st_size > 100_000:
+            data.unlink()
+            data.symlink_to(os.path.join(ms, data.name))
+    return str(copy)
+
+
+@pytest.mark.parametrize("task", ["split", "mstransform"])
+def test_disk_filling_while_a_plain_ms_is_written_is_said_and_the_kernel_lives(
+    kc, plain_ms, disk, tmp_path, task
+):
+    """A plain MS in: casatasks runs the task serially, which was in the kernel,
+    and casacore aborted the kernel on the full disk ("terminate called after
+    throwing ... AipsError"). While servers run, such a call runs on server
+    rank 0: the server aborts, the kernel says why and lives."""
+    from casa_kernel.casa.outputs import _du
+
+    vis = _linked(plain_ms, tmp_path)
+    _leave_free(disk, _du(vis) + 256 * 1024)  # past the pre-check, far from enough
+    out = disk / "out.ms"
+    reply = execute(
+        kc, f"{task}(vis={vis!r}, outputvis={str(out)!r}, datacolumn='data')", timeout=240
+    )
+    assert reply.status == "error" and reply.ename == "SpaceError", reply.error
+    assert reply.evalue.startswith(f"{task} (output {out}) on server rank 0 ("), reply.evalue
+    assert f"no space left on {disk} writing {out}" in reply.evalue, reply.evalue
+    assert sorted(os.listdir(disk)) == ["filler"]  # nothing half-made
+    assert "re-ran" not in reply.stderr, reply.stderr
+    _alive(kc)
+
+
+def test_a_plain_ms_split_runs_on_a_server_equal_to_the_kernels(
+    kc, plain_ms, tmp_path, casa_log_dir
+):
+    """The same split with servers up (on server rank 0) and in plain casatasks:
+    the same rows and data; the kernel's CASA log does not have it, rank 0's does."""
+    import numpy as np
+    from casatasks import split
+    from casatools import table
+
+    params = dict(vis=plain_ms, spw="0", datacolumn="data")
+    split(outputvis=str(tmp_path / "serial.ms"), **params)
+    args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+    out = tmp_path / "on_a_server.ms"
+    reply = execute(kc, f"split(outputvis={str(out)!r}, {args})", timeout=240)
+    assert reply.status == "ok", reply.error
+    columns = []
+    for name in ("serial.ms", "on_a_server.ms"):
+        tb = table()
+        tb.open(str(tmp_path / name))
+        columns.append((tb.nrows(), tb.getcol("DATA"), tb.getcol("FLAG")))
+        tb.close()
+    (rows, data, flags), (rows2, data2, flags2) = columns
+    assert rows == rows2 > 0 and np.array_equal(data, data2) and np.array_equal(flags, flags2)
+    pid = kernel_pid(kc.km)
+    logs = {
+        role: "".join(
+            p.read_text(errors="replace")
+            for p in casa_log_dir.glob(f"casa-*-kernel{pid}-{role}.log")
+        )
+        for role in ("rank0", "client")
+    }
+    assert str(out) in logs["rank0"], logs["rank0"][-2000:]
+    assert str(out) not in logs["client"]
 
 
 def test_full_disk_is_refused_before_tclean_writes_images(kc, tiny_ms, small_disk):

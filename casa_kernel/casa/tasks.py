@@ -43,6 +43,10 @@ _quietened = False
 # name -> route(task, args, kwargs). Filled by casa_kernel.casampi.bridge, which lives
 # above casa/ (the ladder); casa/ only knows that a route may exist.
 routes: dict[str, Any] = {}
+# The route of a call that writes a new MS (``outputvis``) and has no route of
+# its own: name -> route. Set by the bridge (a serial split of a plain MS runs
+# on a server: casacore on a full disk aborts the process that writes).
+new_ms_route: Any = None
 # casatasks' own task objects by name, once the package's names are the
 # notebook's (the kernel process only: serve_notebook_tasks).
 _originals: dict[str, Any] = {}
@@ -159,13 +163,15 @@ class CasaTask:
             # ParallelTaskHelper runs `from casatasks import *; flagdata(...)` per
             # sub-MS): that is casatasks' own call, done as casatasks does it.
             return task(*args, **kwargs)
-        params = _arguments(task, args, kwargs)
+        params = call_arguments(task, args, kwargs)
         # what this call may create, and what of it was there before
         outputs = CallOutputs.of(params)
         outputs.check_space(self.name, params)
         _local.failures = failures = []
         _local.writes = outputs.written
         route = routes.get(self.name)
+        if route is None and outputs.made and new_ms_route is not None:
+            route = new_ms_route(self.name)
         try:
             ret = route(task, args, kwargs) if route else task(*args, **kwargs)
         except Exception as exc:
@@ -192,7 +198,7 @@ class CasaTask:
         return ret
 
 
-def _arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def call_arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """This call's arguments by name (a cell may pass ``vis`` by position)."""
     if not args:
         return dict(kwargs)

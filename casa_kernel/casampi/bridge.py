@@ -276,6 +276,7 @@ def install(session: Any) -> None:
         sys.modules[f"casampi.{attr}"] = module
     for name in CPP_PARALLEL_TASKS:
         casa_tasks.routes[name] = imaging.route_imaging(name)
+    casa_tasks.new_ms_route = tasks.route_new_ms
     # `from casatasks import tclean` (a cell, a script for mpicasa) gets the
     # notebook's task objects, routes included
     casa_tasks.serve_notebook_tasks()

@@ -23,7 +23,6 @@ from casa_kernel.casa.logs import LogTail
 from casa_kernel.casa.outputs import image_products
 from casa_kernel.casa.private import CPP_PARALLEL_TASKS
 from casa_kernel.casa.role import CUBE_CLIENT_RANK
-from casa_kernel.casa.tasks import record_failure
 from casa_kernel.casampi.bridge import _cluster
 from casa_kernel.client import progress
 from casa_kernel.client.dispatch import Dispatcher, Job
@@ -33,7 +32,6 @@ from casa_kernel.server.cube import (
     cpp_client,
     cpp_server,
     limit_threads,
-    serial_imager,
 )
 
 
@@ -185,20 +183,3 @@ class WorkerSteps:
                         self.read_any = True
                         break
         return self.steps.get(rank)
-
-
-def run_on_a_server(name: str, params: dict[str, Any]) -> Any:
-    """Run imaging task ``name`` serially on server rank 0; return its value.
-
-    While servers run, the kernel writes no image: casacore on a full disk
-    aborts the process that writes (server/cube.py's serial_imager).
-    """
-    imagename = params.get("imagename")
-    keep = sorted(image_products(imagename)) if isinstance(imagename, str) and imagename else []
-    job = Job(f"{name} (serial)", serial_imager, (name, params, os.getcwd(), keep), target=0)
-    [outcome] = Dispatcher(_cluster(), title=name).execute([job])
-    if outcome.failure is not None:
-        outcome.failure.submms = f"images {imagename}" if imagename else ""
-        record_failure(outcome.failure)
-        raise RemoteError([outcome.failure])
-    return outcome.value

@@ -38,11 +38,10 @@ from casa_kernel.casampi.cube import (
     goes_cpp_parallel,
     labels,
     run_cpp_parallel,
-    run_on_a_server,
     server_pids,
     share_cores,
 )
-from casa_kernel.casampi.tasks import MPICommandClient, _serially
+from casa_kernel.casampi.tasks import MPICommandClient, _serially, run_serially_on_a_server
 from casa_kernel.client import progress
 from casa_kernel.client.interrupts import say
 from casa_kernel.errors import ClusterError
@@ -240,7 +239,7 @@ def route_imaging(name: str) -> Any:
                 return task(**params)
         if name == "tclean" and params.get("parallel"):
             return _continuum(task, params)
-        return run_on_a_server(name, params)
+        return run_serially_on_a_server(name, params, made=[])
 
     return route
 

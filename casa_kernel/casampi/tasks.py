@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import types
 import uuid
 from typing import Any
 
 from casa_kernel.casa import private, rerun, tasks
+from casa_kernel.casa.outputs import image_products, partial_outputs
 from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
@@ -28,7 +30,7 @@ from casa_kernel.casampi.bridge import (
 )
 from casa_kernel.client import progress
 from casa_kernel.client.dispatch import Dispatcher, Job, Outcome
-from casa_kernel.errors import RemoteError, kernel_cwd
+from casa_kernel.errors import SERIAL_OUTPUT, RemoteError, kernel_cwd
 from casa_kernel.server import engine
 
 _serial_call = False  # a call that must not see the servers (see _serially)
@@ -219,3 +221,52 @@ def _where(job: Job, outcome: Outcome) -> str:
         n = len(_server_ranks())
         return f"data partition {server_of(outcome.rank)} of {n} ({job.label[:80]})"
     return job.label
+
+
+# -- calls that are not parallel but write ----------------------------------------
+
+
+def run_serially_on_a_server(name: str, params: dict[str, Any], made: list[str]) -> Any:
+    """Run task call ``name`` serially on server rank 0; return its value.
+
+    While servers run, the kernel writes neither an image nor a new MS: casacore
+    on a full disk aborts the process that writes (server/engine.py's
+    serial_task). ``made``: the outputs this call may create that were not there
+    before it (what a lost attempt left of them is removed before a re-run).
+    """
+    imagename = params.get("imagename")
+    images = isinstance(imagename, str) and bool(imagename)
+    keep = sorted(image_products(imagename)) if images else []
+    job = Job(
+        f"{name} (serial)", engine.serial_task, (name, params, kernel_cwd(), keep, made), target=0
+    )
+    [outcome] = Dispatcher(_cluster(), title=name).execute([job])
+    if outcome.failure is not None:
+        output = params.get("outputvis")
+        outcome.failure.submms = f"images {imagename}" if images else f"{SERIAL_OUTPUT}{output}"
+        tasks.record_failure(outcome.failure)
+        raise RemoteError([outcome.failure])
+    return outcome.value
+
+
+def route_new_ms(name: str) -> Any:
+    """The route (casa/tasks.py) of a call of ``name`` that writes a new MS
+    (``outputvis``) and that no other route takes: on server rank 0 while servers
+    run, unless casatasks' parallel helpers take it, with the kernel as their
+    client and the writes on the servers (a Multi-MS in, or partition making one)."""
+
+    def route(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        params = tasks.call_arguments(task, args, kwargs)
+        if not _active() or _goes_parallel(name, params):
+            return task(*args, **kwargs)
+        made = [p for p in partial_outputs(params.get("outputvis")) if not os.path.lexists(p)]
+        return run_serially_on_a_server(name, params, made)
+
+    return route
+
+
+def _goes_parallel(name: str, params: dict[str, Any]) -> bool:
+    vis = params.get("vis")
+    if isinstance(vis, str) and os.path.isdir(os.path.join(vis, "SUBMSS")):
+        return True  # a Multi-MS: one job per sub-MS where the task has a helper
+    return name == "partition" and bool(params.get("createmms", True))

@@ -6,9 +6,9 @@ server rank 0 when there is none) runs the task as CASA's C++ MPI client
 (casampi stand-in patched into the task's module, casa/private.py's
 ``cpp_client_module``), :func:`cpp_server` on the others serves it from
 ``synthesisimager().initmpi()``; :func:`limit_threads` shares a host's cores
-first. :func:`serial_imager` runs a call that is not parallel on one server:
-while servers run, the kernel writes no image (a full disk aborts the process
-that writes one). ipyparallel's canning imports this module on the servers: it imports
+first. A call that is not parallel runs on one server (server/engine.py's
+serial_task): while servers run, the kernel writes no image (a full disk aborts
+the process that writes one). ipyparallel's canning imports this module on the servers: it imports
 nothing of the kernel's side (tests/unit/test_ladder.py checks it).
 """
 
@@ -61,32 +61,11 @@ def _interrupts_held(reraise: bool) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _remove_lost_attempt(imagename: Any, keep: list[str]) -> None:
+def remove_lost_images(imagename: Any, keep: list[str]) -> None:
     """Remove the image products a lost attempt of this call left (all but ``keep``)."""
     if isinstance(imagename, str) and imagename:
         for path in sorted(image_products(imagename) - set(keep)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def serial_imager(name: str, params: dict[str, Any], cwd: str, keep: list[str]) -> Any:
-    """Run imaging task ``name`` serially on this server, with every core of its
-    host (the other servers wait: cells run one at a time).
-
-    Image products other than ``keep`` (those that existed before the call) are
-    left-overs of an attempt lost with its server: removed first.
-    """
-    from casa_kernel.casa.tasks import _casatasks
-    from casa_kernel.server.engine import run_casa_task
-
-    os.chdir(cwd)
-    _remove_lost_attempt(params.get("imagename"), keep)
-    casalog = _casatasks().casalog
-    before = casalog.ompGetNumThreads()
-    limit_threads(1)
-    try:
-        return run_casa_task(name, params, None, cwd)
-    finally:  # later cells on this server run with the threads they had before
-        casalog.ompSetNumThreads(before)
 
 
 def cpp_server(cwd: str) -> None:
@@ -139,7 +118,7 @@ def _as_cpp_client(
     from casa_kernel.casa.tasks import _casatasks
 
     os.chdir(cwd)
-    _remove_lost_attempt(params.get("imagename"), keep)
+    remove_lost_images(params.get("imagename"), keep)
     task = getattr(_casatasks(), name)
 
     class _Core:

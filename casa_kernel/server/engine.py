@@ -272,6 +272,33 @@ def run_casa_task(
         _relay_casa_log()
 
 
+def serial_task(
+    taskname: str, parameters: dict[str, Any], cwd: str, keep: list[str], made: list[str]
+) -> Any:
+    """Run a task call that is not parallel here, with every core of this host
+    (the other servers wait: cells run one at a time), for a kernel that must not
+    write: casacore on a full disk aborts the process that writes (a serial
+    tclean's images, a split of a plain MS).
+
+    What a lost attempt of this call left is removed first: image products other
+    than ``keep`` (there before the call) and ``made`` (outputs that were not).
+    """
+    from casa_kernel.casa.outputs import remove_paths
+    from casa_kernel.casa.tasks import _casatasks
+    from casa_kernel.server.cube import limit_threads, remove_lost_images
+
+    follow_cwd(cwd)
+    remove_lost_images(parameters.get("imagename"), keep)
+    remove_paths(made)
+    casalog = _casatasks().casalog
+    before = casalog.ompGetNumThreads()
+    limit_threads(1)
+    try:
+        return run_casa_task(taskname, parameters, None, cwd)
+    finally:  # later cells on this server run with the threads they had before
+        casalog.ompSetNumThreads(before)
+
+
 def run_assembly_step(step: str, args: tuple[Any, ...], cwd: str | None = None) -> Any:
     """A writing step of a Multi-MS task's assembly (casa/private.py's
     ASSEMBLY_STEPS), here instead of in the kernel: casacore on a full disk
