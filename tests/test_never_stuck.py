@@ -270,3 +270,33 @@ def test_failed_transparent_task_is_one_line_without_casa_noise(kc, tmp_path, ca
     assert "Traceback" not in reply.traceback and "ipyparallel" not in reply.traceback
     assert "SEVERE" not in reply.stderr, reply.stderr  # CASA's copy of the same error
     assert not out.exists()
+
+
+def test_an_interrupt_as_a_server_sends_its_reply_is_not_a_lost_reply(kc):
+    """SIGINT landing on a server after its job's function returned, while the
+    engine flushes its streams and sends the reply (here made slow: 3 s), used to
+    be caught by ipykernel with the reply never sent: the cell waited for ever.
+    Now the interrupt is for jobs only (server/interrupts.py): the reply comes."""
+    slow = (
+        "%%casa_parallel\n"
+        "import sys, time\n"
+        "if not hasattr(sys.stdout, '_casa_test_flush'):\n"
+        "    sys.stdout._casa_test_flush = sys.stdout.flush\n"
+        "    def _slow_flush():\n"
+        "        if getattr(sys.stdout, '_casa_test_slow', False):\n"
+        "            sys.stdout._casa_test_slow = False\n"
+        "            time.sleep(3)\n"
+        "        sys.stdout._casa_test_flush()\n"
+        "    sys.stdout.flush = _slow_flush\n"
+        "rank"
+    )
+    assert execute(kc, slow).status == "ok"
+    pids = _pids(kc)
+    marked = "%%casa_parallel\nimport sys\nsys.stdout._casa_test_slow = True\nrank"
+    # the job returns at once; its reply waits 3 s in the flush: SIGINT lands there
+    timer = threading.Timer(1.5, lambda: [os.kill(pid, signal.SIGINT) for pid in pids])
+    timer.start()
+    reply = execute(kc, marked, timeout=60)
+    timer.join()
+    assert reply.status == "ok" and reply.result == "[0, 1]", reply.error
+    assert _pids(kc) == pids  # the same servers: nothing was lost or replaced

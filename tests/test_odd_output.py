@@ -541,7 +541,7 @@ def test_full_disk_is_refused_before_tclean_writes_images(kc, tiny_ms, small_dis
 
 
 def test_disk_filling_while_tclean_writes_is_said_and_the_kernel_lives(kc, tiny_ms, disk):
-    """Serial imaging with servers runs on a server (server/cube.py's serial_imager):
+    """Serial imaging with servers runs on a server (server/engine.py's serial_task):
     the kernel writes no image, so a full disk aborts a server, not the kernel."""
     image = disk / "img"
     filler = _fill_when(f"{image}.psf", disk)

@@ -17,6 +17,7 @@ from typing import Any
 
 from casa_kernel import variables
 from casa_kernel.casa.role import CUBE_CLIENT_RANK, has_cube_client
+from casa_kernel.server import interrupts
 from casa_kernel.server import memory as memory_share
 
 _state: dict[str, Any] = {}
@@ -53,6 +54,7 @@ def setup_server(
     from casa_kernel.casa import loading
 
     _dump_python_stacks_on_a_crash()
+    interrupts.only_in_jobs()
     # Before anything can import casatasks here: with casampi installed beside
     # it, casatasks' import would make this rank a casampi server for good.
     loading.keep_casampi_out()
