@@ -243,7 +243,8 @@ def run_serially_on_a_server(name: str, params: dict[str, Any], made: list[str])
     [outcome] = Dispatcher(_cluster(), title=name).execute([job])
     if outcome.failure is not None:
         output = params.get("outputvis")
-        outcome.failure.submms = f"images {imagename}" if images else f"{SERIAL_OUTPUT}{output}"
+        part = f"{SERIAL_OUTPUT}{output}" if isinstance(output, str) and output else ""
+        outcome.failure.submms = f"images {imagename}" if images else part
         tasks.record_failure(outcome.failure)
         raise RemoteError([outcome.failure])
     return outcome.value
