@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from casa_kernel.casa import private, rerun, tasks
-from casa_kernel.casa.outputs import image_products, partial_outputs
+from casa_kernel.casa.outputs import CallOutputs, image_products
 from casa_kernel.casampi import bridge
 from casa_kernel.casampi.bridge import (
     PUSH,
@@ -260,8 +260,7 @@ def route_new_ms(name: str) -> Any:
         params = tasks.call_arguments(task, args, kwargs)
         if not _active() or _goes_parallel(name, params):
             return task(*args, **kwargs)
-        made = [p for p in partial_outputs(params.get("outputvis")) if not os.path.lexists(p)]
-        return run_serially_on_a_server(name, params, made)
+        return run_serially_on_a_server(name, params, CallOutputs.of(params).made)
 
     return route
 

@@ -232,14 +232,15 @@ def out_of_memory(cause: str, servers: list[Any]) -> str:
             held = f"; its memory cgroup held up to {peak / 2**20:.0f} MiB" + (
                 f" of its {limit / 2**20:.0f} MiB limit" if limit is not None else ""
             )
-        if now - info.oom_kills == 1:
+        killed = now - info.oom_kills
+        if killed == 1:
             what = f"{who} was {OOM_KILLED} (CASA planned for {share} on it{held})"
         else:
             # The killer can take a second process before the first one's memory
             # is freed, and mpiexec names only the death it saw first: not
             # necessarily the process that took the memory.
             what = (
-                f"{now - info.oom_kills} of the servers' processes were {OOM_KILLED}, "
+                f"{killed} of the servers' processes were {OOM_KILLED}, "
                 f"{who} the first mpiexec saw (CASA planned for {share} on each{held})"
             )
         return (
